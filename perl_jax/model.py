@@ -1,0 +1,390 @@
+"""A decoder-only transformer covering the Gemma family (Gemma 1/2/3) and Llama-style models.
+
+Every architectural difference is a field of `ModelConfig`; `PRESETS` holds the real sizes.
+
+Param layout (the `params` collection; checkpoint loaders map onto these names):
+
+    embedder/input_embedding                 (vocab, d_model)
+    layer_{i}/pre_attention_norm/scale       (d_model,)
+    layer_{i}/attn/q/kernel                  (d_model, num_heads, head_dim)
+    layer_{i}/attn/k/kernel, v/kernel        (d_model, num_kv_heads, head_dim)
+    layer_{i}/attn/o/kernel                  (num_heads, head_dim, d_model)
+    layer_{i}/attn/q_norm/scale, k_norm      (head_dim,)            if qk_norm
+    layer_{i}/post_attention_norm/scale      (d_model,)             if post_norms
+    layer_{i}/pre_ffw_norm/scale             (d_model,)
+    layer_{i}/mlp/gate/kernel, up/kernel     (d_model, mlp_dim)
+    layer_{i}/mlp/down/kernel                (mlp_dim, d_model)
+    layer_{i}/post_ffw_norm/scale            (d_model,)             if post_norms
+    final_norm/scale                         (d_model,)
+    lm_head/kernel                           (d_model, vocab)       if not tie_embeddings
+
+The `adapter` collection holds LoRA `lora_a`/`lora_b` under the same module paths, and the scalar
+head `score_head/{kernel, bias}` used by reward and value models.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perl_jax import lora as lora_lib
+
+_NEG_INF = -2.3819763e38  # large negative finite value, safe in bf16/f32
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer. Defaults are Gemma 1 conventions."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int  # 1 = multi-query, < num_heads = grouped-query attention
+  head_dim: int
+  mlp_dim: int
+  mlp_activation: str = "gelu_tanh"  # "gelu_tanh" (GeGLU, Gemma) or "silu" (SwiGLU, Llama)
+  query_pre_attn_scalar: float | None = None  # queries scaled by its -1/2 power; None = head_dim
+  attn_logit_softcap: float | None = None  # Gemma 2: 50.0
+  final_logit_softcap: float | None = None  # Gemma 2: 30.0
+  sliding_window: int | None = None  # window of the local layers
+  local_global_pattern: int = 0  # k > 0: every k-th layer is global, the others local
+  rope_base: float = 10_000.0  # RoPE base of global layers
+  rope_local_base: float | None = None  # RoPE base of local layers (Gemma 3: 10k); None = same
+  rope_scale_factor: float = 1.0  # linear position scaling on global layers (Gemma 3 4B+: 8)
+  qk_norm: bool = False  # Gemma 3: RMSNorm on queries and keys
+  post_norms: bool = False  # Gemma 2/3: RMSNorm after attention and MLP too
+  tie_embeddings: bool = True
+  embed_scale: bool = True  # multiply input embeddings by sqrt(d_model) (Gemma)
+  norm_offset: bool = True  # RMSNorm weight applied as (1 + scale) (Gemma); False: scale (Llama)
+  norm_eps: float = 1e-6
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"  # storage dtype of the backbone
+  remat: bool = False  # rematerialise each layer in the backward pass
+
+  def is_local(self, layer: int) -> bool:
+    return (self.sliding_window is not None and self.local_global_pattern > 0
+            and (layer + 1) % self.local_global_pattern != 0)
+
+
+_GEMMA2 = dict(attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
+               local_global_pattern=2, post_norms=True, query_pre_attn_scalar=256)
+_GEMMA3 = dict(sliding_window=512, local_global_pattern=6, post_norms=True, qk_norm=True,
+               rope_base=1_000_000.0, rope_local_base=10_000.0, query_pre_attn_scalar=256)
+
+PRESETS: dict[str, ModelConfig] = {
+    "gemma-2b": ModelConfig(256_000, 2048, 18, 8, 1, 256, 16_384),
+    "gemma-7b": ModelConfig(256_000, 3072, 28, 16, 16, 256, 24_576),
+    "gemma2-2b": ModelConfig(256_000, 2304, 26, 8, 4, 256, 9216, **_GEMMA2),
+    "gemma2-9b": ModelConfig(256_000, 3584, 42, 16, 8, 256, 14_336, **_GEMMA2),
+    "gemma3-270m": ModelConfig(262_144, 640, 18, 4, 1, 256, 2048, **_GEMMA3),
+    "gemma3-1b": ModelConfig(262_144, 1152, 26, 4, 1, 256, 6912, **_GEMMA3),
+    # Tiny models for tests and the CPU demo; they exercise the same switches.
+    "tiny": ModelConfig(512, 64, 2, 4, 2, 16, 128),
+    "tiny-gemma2": ModelConfig(512, 64, 2, 4, 2, 16, 128, **{**_GEMMA2, "sliding_window": 4,
+                                                             "query_pre_attn_scalar": 16}),
+    "tiny-gemma3": ModelConfig(512, 64, 3, 4, 1, 16, 128, **{**_GEMMA3, "sliding_window": 4,
+                                                             "local_global_pattern": 3,
+                                                             "query_pre_attn_scalar": 16}),
+    "tiny-llama": ModelConfig(512, 64, 2, 4, 2, 16, 128, mlp_activation="silu",
+                              tie_embeddings=False, embed_scale=False, norm_offset=False),
+}
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+  if unknown:
+    raise ValueError(f"unknown model fields {sorted(unknown)}")
+  return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """path -> (in_shape, out_shape) of every projection that can carry an adapter."""
+  shapes = {}
+  for i in range(cfg.num_layers):
+    d, h, k, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    shapes.update({
+        f"layer_{i}/attn/q": ((d,), (h, hd)),
+        f"layer_{i}/attn/k": ((d,), (k, hd)),
+        f"layer_{i}/attn/v": ((d,), (k, hd)),
+        f"layer_{i}/attn/o": ((h, hd), (d,)),
+        f"layer_{i}/mlp/gate": ((d,), (f,)),
+        f"layer_{i}/mlp/up": ((d,), (f,)),
+        f"layer_{i}/mlp/down": ((f,), (d,)),
+    })
+  return shapes
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+  offset: bool = True
+  eps: float = 1e-6
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
+
+
+def apply_rope(x, positions, base: float, scale_factor: float = 1.0):
+  """Rotary embedding, split-half convention. x: [B, T, N, D]; positions: [B, T]."""
+  half = x.shape[-1] // 2
+  timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
+  angles = positions[..., None].astype(jnp.float32) / scale_factor / timescale  # [B, T, half]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def softcap(x, cap: float | None):
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class _Lora(nn.Module):
+  """Base with the LoRA lookup shared by attention and MLP."""
+  cfg: ModelConfig
+  lora: lora_lib.LoRASpec | None
+  lora_targets: frozenset
+  prefix: str  # module path of this layer part, e.g. "layer_3/attn"
+
+  def proj(self, name, in_shape, out_shape):
+    spec = self.lora if f"{self.prefix}/{name}" in self.lora_targets else None
+    return lora_lib.LoRAProjection(in_shape, out_shape, spec, dtype=jnp.dtype(self.cfg.dtype),
+                                   param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
+
+
+class Attention(_Lora):
+  layer: int = 0
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, cache, cache_index, deterministic):
+    cfg = self.cfg
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = self.proj("q", (d,), (h, hd))(x, deterministic)
+    k = self.proj("k", (d,), (kv, hd))(x, deterministic)
+    v = self.proj("v", (d,), (kv, hd))(x, deterministic)
+    if cfg.qk_norm:
+      norm = lambda name: RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
+                                  name=name)
+      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    local = cfg.is_local(self.layer)
+    if local:
+      base, scale = cfg.rope_local_base or cfg.rope_base, 1.0
+    else:
+      base, scale = cfg.rope_base, cfg.rope_scale_factor
+    q = apply_rope(q, positions, base, scale)
+    k = apply_rope(k, positions, base, scale)
+    q = q * (cfg.query_pre_attn_scalar or hd) ** -0.5
+
+    start = 0 if cache is None else cache_index
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+      cache = {"k": k, "v": v}
+    b, t = x.shape[:2]
+    s = k.shape[1]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
+    logits = softcap(logits, cfg.attn_logit_softcap)
+    mask = attn_mask
+    if local:
+      q_slot = start + jnp.arange(t)
+      k_slot = jnp.arange(s)
+      mask = mask & ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
+    logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    return self.proj("o", (h, hd), (d,))(out.astype(x.dtype), deterministic), cache
+
+
+class MLP(_Lora):
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    cfg = self.cfg
+    act = {"gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True), "silu": jax.nn.silu}
+    if cfg.mlp_activation not in act:
+      raise ValueError(f"model.mlp_activation must be one of {sorted(act)}, "
+                       f"got {cfg.mlp_activation!r}")
+    gate = self.proj("gate", (cfg.d_model,), (cfg.mlp_dim,))(x, deterministic)
+    up = self.proj("up", (cfg.d_model,), (cfg.mlp_dim,))(x, deterministic)
+    return self.proj("down", (cfg.mlp_dim,), (cfg.d_model,))(act[cfg.mlp_activation](gate) * up,
+                                                              deterministic)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  lora: lora_lib.LoRASpec | None
+  lora_targets: frozenset
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, cache, cache_index, deterministic):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
+                                name=name)
+    path = f"layer_{self.layer}"
+    h, cache = Attention(cfg, self.lora, self.lora_targets, f"{path}/attn", self.layer,
+                         name="attn")(norm("pre_attention_norm")(x), positions, attn_mask, cache,
+                                      cache_index, deterministic)
+    if cfg.post_norms:
+      h = norm("post_attention_norm")(h)
+    x = x + h
+    h = MLP(cfg, self.lora, self.lora_targets, f"{path}/mlp", name="mlp")(
+        norm("pre_ffw_norm")(x), deterministic)
+    if cfg.post_norms:
+      h = norm("post_ffw_norm")(h)
+    return x + h, cache
+
+
+class ScoreHead(nn.Module):
+  """Scalar head (reward or value) per position; its params live in the adapter collection."""
+
+  @nn.compact
+  def __call__(self, hidden):
+    d = hidden.shape[-1]
+    kernel = self.variable(lora_lib.ADAPTER, "kernel", lambda: jnp.zeros((d, 1), jnp.float32))
+    bias = self.variable(lora_lib.ADAPTER, "bias", lambda: jnp.zeros((1,), jnp.float32))
+    return (hidden.astype(jnp.float32) @ kernel.value + bias.value)[..., 0]
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. LoRA adapters are applied wherever the `adapter` collection has them."""
+  cfg: ModelConfig
+  lora: lora_lib.LoRASpec | None = None
+  lora_targets: frozenset = frozenset()
+
+  @nn.compact
+  def __call__(self, tokens, positions, attn_mask, *, cache=None, cache_index=None,
+               logits: bool = True, scores: bool = False, deterministic: bool = True):
+    """Runs the model.
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] int positions (0 at the first real token; padding can hold anything).
+      attn_mask: [B, T, S] bool, True where query t may attend to key slot s (S = T without a
+        cache, the cache length with one). Build it with `causal_mask` / `decode_mask`.
+      cache: optional {"layer_i": {"k", "v"}} from `init_cache`; keys/values of these tokens are
+        written at slots [cache_index, cache_index + T).
+      logits / scores: which outputs to compute (the vocab projection is the largest matmul).
+    Returns:
+      dict with "hidden" [B, T, d], "logits" [B, T, V] f32, "scores" [B, T] f32, "cache".
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    embedding = self.param("embedder", lambda rng: {"input_embedding": nn.initializers.normal(
+        cfg.d_model ** -0.5)(rng, (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))})
+    table = embedding["input_embedding"]
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    block = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
+    new_cache = {} if cache is not None else None
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache[f"layer_{i}"]
+      x, layer_cache = block(cfg, i, self.lora, self.lora_targets, name=f"layer_{i}")(
+          x, positions, attn_mask, layer_cache, cache_index, deterministic)
+      if cache is not None:
+        new_cache[f"layer_{i}"] = layer_cache
+    hidden = RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
+                     name="final_norm")(x)
+    out = {"hidden": hidden, "cache": new_cache}
+    if logits:
+      if cfg.tie_embeddings:  # einsum, not table.T: no transposed copy of the table
+        raw = jnp.einsum("btd,vd->btv", hidden, table.astype(dtype))
+      else:
+        head = self.param("lm_head", lambda rng: {"kernel": nn.initializers.lecun_normal()(
+            rng, (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))})["kernel"]
+        raw = hidden @ head.astype(dtype)
+      out["logits"] = softcap(raw.astype(jnp.float32), cfg.final_logit_softcap)
+    if scores:
+      out["scores"] = ScoreHead(name="score_head")(hidden)
+    return out
+
+
+# ----------------------------------------------------------------------------- masks and cache
+
+
+def causal_mask(input_mask):
+  """[B, T] bool of real tokens -> [B, T, T] causal attention mask over real keys."""
+  t = input_mask.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None] & input_mask[:, None, :]
+
+
+def decode_mask(cache_valid, cache_index, num_new: int):
+  """Mask for `num_new` tokens written at slots [cache_index, cache_index + num_new).
+
+  cache_valid: [B, S] bool, True at slots holding real tokens (including the new ones).
+  """
+  s = cache_valid.shape[1]
+  q_slot = cache_index + jnp.arange(num_new)
+  return (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & cache_valid[:, None, :]
+
+
+def positions_from_mask(input_mask):
+  """Positions counting real tokens only (0 at the first), for left or right padding."""
+  return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for i in range(cfg.num_layers)}
+
+
+def last_token_values(values, input_mask):
+  """values [B, T] read at the last real token of each row (works for left or right padding)."""
+  idx = values.shape[1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=1)
+  return jnp.take_along_axis(values, idx[:, None], axis=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def build(cfg: ModelConfig, lora_rank: int = 0, lora_alpha: float | None = None,
+          lora_targets=("attn/(q|k|v|o)$",), lora_dropout: float = 0.0,
+          lora_dtype: str = "float32") -> Transformer:
+  """A Transformer with adapters on the projections matched by `lora_targets` (rank 0: none)."""
+  targets = lora_lib.select_targets(projection_shapes(cfg), lora_targets, lora_rank)
+  spec = None
+  if lora_rank > 0:
+    spec = lora_lib.LoRASpec(lora_rank, float(lora_alpha or lora_rank), lora_dropout,
+                             jnp.dtype(lora_dtype))
+  return Transformer(cfg, spec, frozenset(targets))
+
+
+def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
+                   score_head: bool = False):
+  """{"params": backbone, "adapter": LoRA (+ score head)} for `model`."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  mask = jnp.ones((batch, length), bool)
+  return model.init({"params": rng}, tokens, positions_from_mask(mask), causal_mask(mask),
+                    logits=True, scores=score_head)
+
+
+def param_counts(model: Transformer, score_head: bool = False) -> dict[str, int]:
+  """Backbone, adapter and total parameter counts from shapes alone (nothing is allocated)."""
+  shapes = jax.eval_shape(lambda r: init_variables(model, r, score_head=score_head),
+                          jax.random.key(0))
+  backbone = lora_lib.count_params(shapes.get("params", {}))
+  adapter = lora_lib.count_params(shapes.get(lora_lib.ADAPTER, {}))
+  return {"backbone": backbone, "adapter": adapter, "total": backbone + adapter}
+
+
+def sequence_logprobs(logits, tokens):
+  """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): shapes [B, T-1]."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+

@@ -1,0 +1,146 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perl_jax import lora as lora_lib
+from perl_jax import model as model_lib
+
+
+def _inputs(cfg, batch=2, length=10, seed=1):
+  tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, cfg.vocab_size)
+  mask = jnp.ones((batch, length), bool)
+  return tokens, model_lib.positions_from_mask(mask), model_lib.causal_mask(mask)
+
+
+def _randomise_b(adapter, seed=3):
+  flat = lora_lib.flatten(adapter)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  return lora_lib.unflatten({
+      p: (0.1 * jax.random.normal(k, v.shape, v.dtype) if p.endswith("lora_b") else v)
+      for k, (p, v) in zip(keys, flat.items())})
+
+
+@pytest.mark.parametrize("targets", [("attn/(q|k|v|o)$",), ("attn/", "mlp/")])
+def test_zero_b_is_exactly_the_base_model(targets):
+  cfg = model_lib.model_config("tiny")
+  model = model_lib.build(cfg, lora_rank=4, lora_targets=targets)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  args = _inputs(cfg)
+  with_adapter = model.apply(variables, *args)["logits"]
+  anchor = model.apply({"params": variables["params"]}, *args)["logits"]
+  np.testing.assert_array_equal(np.asarray(with_adapter), np.asarray(anchor))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma3", "tiny-llama"])
+def test_merged_equals_unmerged(preset):
+  cfg = model_lib.model_config(preset)
+  model = model_lib.build(cfg, lora_rank=4, lora_alpha=8.0, lora_targets=("attn/", "mlp/"))
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  adapter = _randomise_b(variables["adapter"])
+  args = _inputs(cfg)
+  unmerged = model.apply({"params": variables["params"], "adapter": adapter}, *args)["logits"]
+  anchor = model.apply({"params": variables["params"]}, *args)["logits"]
+  merged_backbone = lora_lib.merge_adapters(variables["params"], adapter, model.lora.scale)
+  merged = model.apply({"params": merged_backbone}, *args)["logits"]
+  assert float(jnp.abs(unmerged - anchor).max()) > 1e-3  # the adapter really changes outputs
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_only_for_adapters():
+  cfg = model_lib.model_config("tiny")
+  model = model_lib.build(cfg, lora_rank=4)
+  variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
+  trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
+  assert set(trainable) == {"adapter"} and set(frozen) == {"params"}
+  tokens, positions, mask = _inputs(cfg)
+
+  def loss(trainable):
+    out = model.apply({**frozen, **trainable}, tokens, positions, mask, scores=True)
+    return out["logits"].mean() + out["scores"].mean()
+
+  grads = lora_lib.flatten(jax.grad(loss)(_randomise_b(trainable)))
+  assert all(p.startswith("adapter/") for p in grads)
+  assert any("score_head" in p for p in grads)  # the head is trained with the adapters
+  assert all(float(jnp.abs(g).max()) > 0 for g in grads.values()), "every adapter leaf learns"
+
+
+def test_lora_step_builds_no_backbone_gradient_buffers():
+  # A mid-sized model so the backbone dominates memory; compile only.
+  cfg = model_lib.model_config("tiny", d_model=512, mlp_dim=2048, num_layers=4, head_dim=64,
+                               num_heads=8, num_kv_heads=8, vocab_size=8192)
+  model = model_lib.build(cfg, lora_rank=4)
+  shapes = jax.eval_shape(lambda r: model_lib.init_variables(model, r), jax.random.key(0))
+  tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+
+  def step_memory(full_finetune):
+    trainable, frozen = lora_lib.split_variables(shapes, full_finetune)
+
+    def loss(trainable, frozen, tokens):
+      mask = jnp.ones(tokens.shape, bool)
+      out = model.apply({**frozen, **trainable}, tokens, model_lib.positions_from_mask(mask),
+                        model_lib.causal_mask(mask))
+      return model_lib.sequence_logprobs(out["logits"], tokens).mean()
+
+    compiled = jax.jit(jax.grad(loss)).lower(trainable, frozen, tokens).compile()
+    return compiled.memory_analysis()
+
+  backbone_bytes = 4 * lora_lib.count_params(shapes["params"])
+  lora_stats, full_stats = step_memory(False), step_memory(True)
+  # Full tuning must return a gradient for every backbone weight...
+  assert full_stats.output_size_in_bytes >= backbone_bytes
+  # ...the LoRA step holds no such buffer, neither as output nor as scratch. (Its scratch is not
+  # zero: on CPU, XLA keeps a transposed copy of one layer's weights for the backward matmuls.)
+  lora_bytes = lora_stats.output_size_in_bytes + lora_stats.temp_size_in_bytes
+  assert lora_stats.output_size_in_bytes < 0.01 * backbone_bytes
+  assert lora_bytes < 0.25 * backbone_bytes, (lora_bytes, backbone_bytes)
+
+
+def test_trainable_fraction_gemma_2b_rank_4():
+  counts = model_lib.param_counts(model_lib.build(model_lib.PRESETS["gemma-2b"], lora_rank=4))
+  assert counts["backbone"] == 2_506_172_416  # the published Gemma 2B size
+  assert counts["adapter"] / counts["total"] < 1e-3
+
+
+def test_rank_larger_than_layer_is_an_error():
+  cfg = model_lib.model_config("tiny")  # d_model 64; k/v project to 2 heads x 16 = 32
+  with pytest.raises(ValueError, match=r"lora.rank=33 is larger than min\(in, out\)=32 of "
+                     r"projection layer_0/attn/k"):
+    model_lib.build(cfg, lora_rank=33)
+  model_lib.build(cfg, lora_rank=32)  # the largest rank that fits
+
+
+def test_unknown_target_is_an_error():
+  cfg = model_lib.model_config("tiny")
+  with pytest.raises(ValueError, match="'attn/qq' matches no projection"):
+    model_lib.build(cfg, lora_rank=4, lora_targets=("attn/qq",))
+  with pytest.raises(ValueError, match="rank must be >= 0"):
+    model_lib.build(cfg, lora_rank=-1)
+
+
+def test_adapter_dtype_independent_of_backbone():
+  cfg = model_lib.model_config("tiny", dtype="bfloat16", param_dtype="bfloat16")
+  model = model_lib.build(cfg, lora_rank=4, lora_dtype="float32")
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  dtypes = {p: v.dtype for p, v in lora_lib.flatten(variables).items()}
+  assert all(d == jnp.bfloat16 for p, d in dtypes.items() if p.startswith("params/"))
+  assert all(d == jnp.float32 for p, d in dtypes.items() if p.startswith("adapter/"))
+  out = model.apply(_randomise_b_tree(variables), *_inputs(cfg))["logits"]
+  assert bool(jnp.isfinite(out).all())
+
+
+def _randomise_b_tree(variables):
+  return {"params": variables["params"], "adapter": _randomise_b(variables["adapter"])}
+
+
+def test_lora_dropout_only_in_training():
+  cfg = model_lib.model_config("tiny")
+  model = model_lib.build(cfg, lora_rank=4, lora_dropout=0.5)
+  variables = _randomise_b_tree(model_lib.init_variables(model, jax.random.key(0)))
+  args = _inputs(cfg)
+  eval_a = model.apply(variables, *args)["logits"]
+  eval_b = model.apply(variables, *args)["logits"]
+  train = model.apply(variables, *args, deterministic=False,
+                      rngs={"dropout": jax.random.key(5)})["logits"]
+  np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
+  assert float(jnp.abs(train - eval_a).max()) > 1e-4

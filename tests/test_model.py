@@ -1,0 +1,104 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perl_jax import model as model_lib
+
+TINY = ["tiny", "tiny-gemma2", "tiny-gemma3", "tiny-llama"]
+
+
+def _model(preset, **overrides):
+  cfg = model_lib.model_config(preset, **overrides)
+  model = model_lib.build(cfg)
+  return cfg, model, model_lib.init_variables(model, jax.random.key(0), score_head=True)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_causality(preset):
+  cfg, model, variables = _model(preset)
+  tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, cfg.vocab_size)
+  changed = tokens.at[0, 7].set((tokens[0, 7] + 1) % cfg.vocab_size)
+  mask = jnp.ones((1, 12), bool)
+  args = (model_lib.positions_from_mask(mask), model_lib.causal_mask(mask))
+  a = model.apply(variables, tokens, *args)["logits"]
+  b = model.apply(variables, changed, *args)["logits"]
+  np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+  assert float(jnp.abs(a[:, 7:] - b[:, 7:]).max()) > 0
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_kv_cache_decode_matches_full_forward(preset):
+  cfg, model, variables = _model(preset)
+  batch, prompt_len, total = 2, 5, 12  # longer than the tiny sliding windows
+  tokens = jax.random.randint(jax.random.key(2), (batch, total), 0, cfg.vocab_size)
+  # Row 1 is left-padded by 2: its real tokens start at slot 2.
+  input_mask = jnp.ones((batch, total), bool).at[1, :2].set(False)
+  positions = model_lib.positions_from_mask(input_mask)
+  full = model.apply(variables, tokens, positions, model_lib.causal_mask(input_mask))["logits"]
+
+  cache = model_lib.init_cache(cfg, batch, total)
+  cache_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(input_mask[:, :prompt_len])
+  out = model.apply(variables, tokens[:, :prompt_len], positions[:, :prompt_len],
+                    model_lib.decode_mask(cache_valid, 0, prompt_len), cache=cache, cache_index=0)
+  step_logits = [out["logits"]]
+  cache = out["cache"]
+  step = jax.jit(lambda v, tok, pos, mask, cache, i: model.apply(
+      v, tok, pos, mask, cache=cache, cache_index=i))
+  for i in range(prompt_len, total):
+    cache_valid = cache_valid.at[:, i].set(True)
+    out = step(variables, tokens[:, i:i + 1], positions[:, i:i + 1],
+               model_lib.decode_mask(cache_valid, i, 1), out["cache"], i)
+    step_logits.append(out["logits"])
+  decoded = jnp.concatenate(step_logits, axis=1)
+  real = np.asarray(input_mask)
+  np.testing.assert_allclose(np.asarray(decoded)[real], np.asarray(full)[real], atol=2e-5)
+
+
+def test_padding_does_not_change_real_tokens():
+  cfg, model, variables = _model("tiny-gemma2")
+  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+  mask = jnp.ones((1, 6), bool)
+  base = model.apply(variables, tokens, model_lib.positions_from_mask(mask),
+                     model_lib.causal_mask(mask), scores=True)
+  for padded, pad_mask in [
+      (jnp.concatenate([tokens, jnp.zeros((1, 3), jnp.int32)], 1),
+       jnp.concatenate([mask, jnp.zeros((1, 3), bool)], 1)),  # right padding
+      (jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], 1),
+       jnp.concatenate([jnp.zeros((1, 3), bool), mask], 1)),  # left padding
+  ]:
+    out = model.apply(variables, padded, model_lib.positions_from_mask(pad_mask),
+                      model_lib.causal_mask(pad_mask), scores=True)
+    np.testing.assert_allclose(np.asarray(out["logits"][pad_mask]),
+                               np.asarray(base["logits"][0]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model_lib.last_token_values(out["scores"], pad_mask)),
+        np.asarray(base["scores"][:, -1]), atol=1e-6)
+
+
+def test_sliding_window_limits_attention():
+  cfg, model, variables = _model("tiny-gemma2", num_layers=1)  # one local layer, window 4
+  assert cfg.is_local(0)
+  tokens = jax.random.randint(jax.random.key(4), (1, 10), 0, cfg.vocab_size)
+  mask = jnp.ones((1, 10), bool)
+  args = (model_lib.positions_from_mask(mask), model_lib.causal_mask(mask))
+  a = model.apply(variables, tokens, *args)["logits"]
+  b = model.apply(variables, tokens.at[0, 0].set((tokens[0, 0] + 1) % cfg.vocab_size),
+                  *args)["logits"]
+  diff = np.abs(np.asarray(a - b)).max(axis=-1)[0]
+  assert diff[1:4].max() > 0  # within the window
+  np.testing.assert_array_equal(diff[4:], 0)  # token 0 is out of every later window
+
+
+def test_presets_have_published_sizes():
+  expected = {"gemma-7b": 8_537_680_896, "gemma2-2b": 2_614_341_888, "gemma3-270m": 268_098_176,
+              "gemma3-1b": 999_885_952}
+  for name, count in expected.items():
+    assert model_lib.param_counts(model_lib.build(model_lib.PRESETS[name]))["backbone"] == count
+
+
+def test_unknown_preset_or_field_is_an_error():
+  with pytest.raises(ValueError, match="unknown model preset 'gemma-3b'"):
+    model_lib.model_config("gemma-3b")
+  with pytest.raises(ValueError, match="unknown model fields"):
+    model_lib.model_config("tiny", hidden=3)
