@@ -81,7 +81,8 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma2-9b": ModelConfig(256_000, 3584, 42, 16, 8, 256, 14_336, **_GEMMA2),
     "gemma3-270m": ModelConfig(262_144, 640, 18, 4, 1, 256, 2048, **_GEMMA3),
     "gemma3-1b": ModelConfig(262_144, 1152, 26, 4, 1, 256, 6912, **_GEMMA3),
-    # Tiny models for tests and the CPU demo; they exercise the same switches.
+    # Small models for tests and the CPU demo; they exercise the same switches.
+    "demo": ModelConfig(256, 128, 4, 4, 1, 32, 512),
     "tiny": ModelConfig(512, 64, 2, 4, 2, 16, 128),
     "tiny-gemma2": ModelConfig(512, 64, 2, 4, 2, 16, 128, **{**_GEMMA2, "sliding_window": 4,
                                                              "query_pre_attn_scalar": 16}),

@@ -1,0 +1,72 @@
+"""What every stage sets up the same way: tokenizer, model, backbone and a summary file."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from perl_jax import checkpoint as checkpoint_lib
+from perl_jax import lora as lora_lib
+from perl_jax import model as model_lib
+from perl_jax import tokenizer as tokenizer_lib
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+TASK_TOKENIZERS = {"reviews": os.path.join(ASSETS, "reviews_sp256.model")}
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
+  path = config.tokenizer.path or TASK_TOKENIZERS.get(config.task)
+  if not path:
+    raise ValueError(f"config.tokenizer.path is empty and task {config.task!r} ships no tokenizer")
+  return tokenizer_lib.Tokenizer(path)
+
+
+def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  return model_lib.model_config(config.model.preset, vocab_size=vocab_size,
+                                dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                remat=config.model.remat)
+
+
+def build_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+                lora_rank: int | None = None) -> model_lib.Transformer:
+  """The model with adapters as config.lora asks (lora_rank overrides config.lora.rank)."""
+  lc = config.lora
+  rank = lc.rank if lora_rank is None else lora_rank
+  return model_lib.build(cfg, rank, lc.alpha or None, tuple(lc.targets), lc.dropout, lc.dtype)
+
+
+def init_backbone(model: model_lib.Transformer, seed: int) -> dict:
+  return model_lib.init_variables(model, jax.random.key(seed))["params"]
+
+
+def load_backbone(directory: str, model: model_lib.Transformer) -> dict:
+  """The backbone saved by a fully-trained stage (e.g. the demo's SFT stage) in `directory`."""
+  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))["params"]
+  state, meta = checkpoint_lib.load_state(os.path.join(directory, "checkpoints"),
+                                          {"trainable": {"params": abstract}})
+  del meta
+  return state["trainable"]["params"]
+
+
+def param_report(trainable: Any, frozen: Any) -> dict:
+  trained = lora_lib.count_params(trainable)
+  total = trained + lora_lib.count_params(frozen)
+  return {"trainable_params": trained, "total_params": total,
+          "trainable_percent": 100.0 * trained / total}
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def default(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+      return x.tolist()
+    return str(x)
+
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=2, default=default, sort_keys=True)
+  os.replace(path + ".tmp", path)

@@ -1,0 +1,66 @@
+"""Tokenised, padded arrays and a deterministic, resumable batch order.
+
+A batch is a pure function of (arrays, step): resuming at step s reads exactly the batches an
+uninterrupted run would have read, with no iterator state to save beyond the step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from perl_jax.tokenizer import Tokenizer
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: bool = False):
+  """Pads id lists to `length`; returns (tokens int32 [N, L], mask bool [N, L])."""
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), bool)
+  for i, row in enumerate(rows):
+    if len(row) > length:
+      raise ValueError(f"row {i} has {len(row)} tokens, more than the padded length {length}")
+    if left:
+      tokens[i, length - len(row):] = row
+      mask[i, length - len(row):] = True
+    else:
+      tokens[i, :len(row)] = row
+      mask[i, :len(row)] = True
+  return tokens, mask
+
+
+def truncate_pair(prompt: list[int], response: list[int], max_len: int) -> tuple[list, list]:
+  """Fits prompt + response into max_len, keeping the start of the prompt and the end of the
+  response (the end is where a response's quality shows and where the reward is read)."""
+  if len(prompt) + len(response) <= max_len:
+    return prompt, response
+  keep_prompt = min(len(prompt), max_len // 2)
+  keep_response = max_len - keep_prompt
+  if len(response) < keep_response:
+    keep_prompt = max_len - len(response)
+    keep_response = len(response)
+  return prompt[:keep_prompt], response[len(response) - keep_response:]
+
+
+def encode_sft(tok: Tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -> dict:
+  """BOS prompt response EOS, right-padded; loss on response tokens and EOS only."""
+  rows, loss_rows = [], []
+  for prompt, response in pairs:
+    p, r = truncate_pair([tok.bos_id] + tok.encode(prompt), tok.encode(response) + [tok.eos_id],
+                         max_len)
+    rows.append(p + r)
+    loss_rows.append([0] * len(p) + [1] * len(r))
+  tokens, input_mask = pad_rows(rows, max_len, tok.pad_id)
+  loss_mask, _ = pad_rows(loss_rows, max_len, 0)
+  return {"tokens": tokens, "input_mask": input_mask, "loss_mask": loss_mask.astype(bool)}
+
+
+def batch_at(arrays: dict, step: int, batch_size: int, seed: int) -> dict:
+  """The `step`-th batch of a shuffled pass over `arrays` (reshuffled every epoch)."""
+  n = len(next(iter(arrays.values())))
+  if n < batch_size:
+    raise ValueError(f"dataset has {n} rows, fewer than the batch size {batch_size}")
+  per_epoch = n // batch_size
+  epoch, index = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  rows = order[index * batch_size:(index + 1) * batch_size]
+  return {k: v[rows] for k, v in arrays.items()}

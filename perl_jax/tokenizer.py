@@ -1,0 +1,56 @@
+"""Sentencepiece tokenizers: loading, training, and batch encoding with explicit masks.
+
+Special ids follow Gemma: pad 0, eos 1, bos 2, unk 3.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+  """A sentencepiece model with the pad/bos/eos ids the model uses."""
+
+  def __init__(self, model_path: str, pad_id: int | None = None, bos_id: int | None = None,
+               eos_id: int | None = None):
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+    self.path = model_path
+    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.pad_id = self.sp.pad_id() if pad_id is None else pad_id
+    self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
+    self.eos_id = self.sp.eos_id() if eos_id is None else eos_id
+    for name in ("pad_id", "bos_id", "eos_id"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"tokenizer {model_path} defines no {name}; pass it explicitly")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Decodes up to the first EOS, skipping padding and BOS."""
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id:
+        break
+      if i not in (self.pad_id, self.bos_id):
+        out.append(i)
+    return self.sp.decode(out)
+
+
+def train(texts: Iterable[str], model_prefix: str, vocab_size: int) -> str:
+  """Trains a BPE sentencepiece model on `texts`; returns the .model path."""
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
+      model_type="bpe", normalization_rule_name="identity", character_coverage=1.0, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID,
+      unk_id=UNK_ID, num_threads=2, minloglevel=2, split_digits=True)
+  return model_prefix + ".model"

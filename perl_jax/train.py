@@ -1,0 +1,175 @@
+"""The training loop every stage shares; stages differ only in their loss and batches.
+
+A stage hands `fit` a pure `loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`, the frozen
+leaves (the backbone, unless fully fine-tuning), the initial trainable leaves, and `batch_at(step)`.
+`fit` jits one optimizer step with explicit shardings and donated state, accumulates gradients over
+micro-batches, logs progress, checkpoints, resumes from the latest checkpoint in the workdir, and
+stops on a non-finite loss or gradient with the last good checkpoint kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from perl_jax import checkpoint as checkpoint_lib
+from perl_jax import sharding as sharding_lib
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, then cosine decay (or constant), and global-norm clipping."""
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
+                                            max(total_steps, cfg.warmup_steps + 1),
+                                            end_value=cfg.lr * cfg.final_lr_fraction)
+  elif cfg.schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+                               optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+  else:
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int):
+  """One optimizer step over a batch split into `accum_steps` micro-batches (pure)."""
+
+  def train_step(state, frozen, batch, rng):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state["trainable"], frozen, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        micro_batch, i = xs
+        (loss, metrics), grads = grad_fn(state["trainable"], frozen, micro_batch,
+                                         jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+      zeros = jax.eval_shape(grad_fn, state["trainable"], frozen,
+                             jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1],
+                                                                   zeros[1]))
+      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   update_norm=optax.tree.norm(updates))
+    return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+class Writer:
+  """TensorBoard scalars (tensorboardX: no TensorFlow needed) plus a JSON-lines log."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter  # imported here: only runs that log need it
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, metrics: dict, prefix: str = "") -> None:
+    for name, value in metrics.items():
+      self.tb.add_scalar(prefix + name, float(value), step)
+    self.jsonl.write(json.dumps({"step": step, **{prefix + k: float(v)
+                                                  for k, v in metrics.items()}}) + "\n")
+    self.jsonl.flush()
+
+  def close(self):
+    self.tb.close()
+    self.jsonl.close()
+
+
+def _format(metrics: dict) -> str:
+  return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
+
+
+def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
+        optim_cfg: ml_collections.ConfigDict, seed: int, mesh, loss_fn: LossFn,
+        trainable: Any, frozen: Any, batch_at: Callable[[int], dict],
+        eval_fn: Callable[[Any], dict] | None = None, meta: dict | None = None,
+        writer: Writer | None = None) -> dict:
+  """Trains `trainable` for config.train.steps optimizer steps; returns final metrics.
+
+  Resumes from the latest checkpoint in `workdir/checkpoints` if there is one; the batches, the
+  random numbers and therefore the losses after resuming are those of an uninterrupted run.
+  """
+  tcfg = train_cfg
+  os.makedirs(workdir, exist_ok=True)
+  optimizer = make_optimizer(optim_cfg, tcfg.steps)
+  replicated = sharding_lib.replicated(mesh)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+           "opt_state": optimizer.init(trainable)}
+  state = jax.device_put(state, replicated)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, saved_meta = ckpt.restore(state)
+    logging.info("%s: resumed from step %d in %s", name, int(state["step"]), ckpt.directory)
+    print(f"[{name}] resumed from checkpoint at step {int(state['step'])}", flush=True)
+    del saved_meta
+  start = int(state["step"])
+
+  step_fn = jax.jit(make_train_step(loss_fn, optimizer, tcfg.accum_steps),
+                    in_shardings=(replicated, replicated, sharding_lib.batch_sharding(mesh),
+                                  replicated),
+                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+  base_rng = jax.random.key(seed)
+  own_writer = writer is None
+  writer = writer or Writer(workdir)
+  meta = dict(meta or {})
+  step_times, history, last_saved, metrics = [], [], ckpt.latest_step(), {}
+  t_last = time.perf_counter()
+  for step in range(start, tcfg.steps):
+    batch = sharding_lib.put_batch(batch_at(step), mesh)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(base_rng, step))
+    metrics = jax.device_get(metrics)
+    step_times.append(time.perf_counter() - t0)
+    bad = [k for k in ("loss", "grad_norm", "update_norm") if not np.isfinite(metrics[k])]
+    if bad:
+      ckpt.close()
+      raise FloatingPointError(
+          f"[{name}] non-finite {', '.join(bad)} at step {step + 1}; training stopped. The last "
+          f"good checkpoint is step {last_saved} in {ckpt.directory} (no later state was saved)")
+    done = step + 1
+    history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
+    if done % tcfg.log_every == 0 or done == tcfg.steps:
+      now = time.perf_counter()
+      rate = tcfg.log_every / max(now - t_last, 1e-9) if done % tcfg.log_every == 0 else 0.0
+      t_last = now
+      eta = (tcfg.steps - done) / rate if rate else 0.0
+      print(f"[{name}] step {done}/{tcfg.steps} {_format(metrics)} steps/s={rate:.2f} "
+            f"eta={eta:.0f}s", flush=True)
+      writer.scalars(done, metrics, f"{name}/train/")
+    if eval_fn is not None and tcfg.eval_every and (done % tcfg.eval_every == 0
+                                                    or done == tcfg.steps):
+      eval_metrics = eval_fn(state["trainable"])
+      print(f"[{name}] eval at step {done}: {_format(eval_metrics)}", flush=True)
+      writer.scalars(done, eval_metrics, f"{name}/eval/")
+      history[-1].update({f"eval_{k}": float(v) for k, v in eval_metrics.items()})
+    if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+      ckpt.save(done, state, {**meta, "step": done, "examples_seen": done * tcfg.batch_size})
+      last_saved = done
+  ckpt.close()
+  if own_writer:
+    writer.close()
+  final = {k: float(v) for k, v in metrics.items()}
+  # Skip the first (compiling) step in the timing when there are others.
+  timed = step_times[1:] if len(step_times) > 1 else step_times
+  return {"state": state, "final_metrics": final, "history": history,
+          "step_time_s": statistics.median(timed) if timed else float("nan"),
+          "steps": int(state["step"]), "resumed_from": start}
