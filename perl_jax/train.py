@@ -43,33 +43,44 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
                      optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int):
-  """One optimizer step over a batch split into `accum_steps` micro-batches (pure)."""
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int,
+                    updates_per_batch: int = 1):
+  """`updates_per_batch` optimizer updates (e.g. PPO epochs) on one batch, each over the batch
+  split into `accum_steps` micro-batches (pure)."""
 
-  def train_step(state, frozen, batch, rng):
+  def grads_of(trainable, frozen, batch, rng):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-      (loss, metrics), grads = grad_fn(state["trainable"], frozen, batch, rng)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+      return grad_fn(trainable, frozen, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
 
-      def body(carry, xs):
-        micro_batch, i = xs
-        (loss, metrics), grads = grad_fn(state["trainable"], frozen, micro_batch,
-                                         jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+    def body(carry, xs):
+      micro_batch, i = xs
+      out = grad_fn(trainable, frozen, micro_batch, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = jax.eval_shape(grad_fn, state["trainable"], frozen,
-                             jax.tree.map(lambda x: x[0], micro), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1],
-                                                                   zeros[1]))
-      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
-      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+    shapes = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+    return jax.tree.map(lambda x: x / accum_steps, total)
+
+  def update(state, frozen, batch, rng):
+    (loss, metrics), grads = grads_of(state["trainable"], frozen, batch, rng)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    update_norm=optax.tree.norm(updates))
-    return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+    return {"step": state["step"], "trainable": trainable, "opt_state": opt_state}, metrics
+
+  def train_step(state, frozen, batch, rng):
+    if updates_per_batch == 1:
+      state, metrics = update(state, frozen, batch, rng)
+    else:
+      def body(state, i):
+        return update(state, frozen, batch, jax.random.fold_in(rng, i))
+      state, metrics = jax.lax.scan(body, state, jnp.arange(updates_per_batch))
+      metrics = jax.tree.map(lambda m: m[-1], metrics)  # report the last update's metrics
+    return dict(state, step=state["step"] + 1), metrics
 
   return train_step
 
@@ -100,13 +111,16 @@ def _format(metrics: dict) -> str:
 
 def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
         optim_cfg: ml_collections.ConfigDict, seed: int, mesh, loss_fn: LossFn,
-        trainable: Any, frozen: Any, batch_at: Callable[[int], dict],
+        trainable: Any, frozen: Any, batch_at: Callable[..., dict],
+        batch_uses_state: bool = False,
         eval_fn: Callable[[Any], dict] | None = None, meta: dict | None = None,
         writer: Writer | None = None) -> dict:
   """Trains `trainable` for config.train.steps optimizer steps; returns final metrics.
 
-  Resumes from the latest checkpoint in `workdir/checkpoints` if there is one; the batches, the
-  random numbers and therefore the losses after resuming are those of an uninterrupted run.
+  `batch_at(step)` gives the step's batch; with `batch_uses_state`, `batch_at(step, trainable)`
+  (RL: rollouts come from the current policy). Resumes from the latest checkpoint in
+  `workdir/checkpoints` if there is one; the batches, the random numbers and therefore the losses
+  after resuming are those of an uninterrupted run.
   """
   tcfg = train_cfg
   os.makedirs(workdir, exist_ok=True)
@@ -123,7 +137,8 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
     del saved_meta
   start = int(state["step"])
 
-  step_fn = jax.jit(make_train_step(loss_fn, optimizer, tcfg.accum_steps),
+  step_fn = jax.jit(make_train_step(loss_fn, optimizer, tcfg.accum_steps,
+                                    tcfg.get("updates_per_batch", 1)),
                     in_shardings=(replicated, replicated, sharding_lib.batch_sharding(mesh),
                                   replicated),
                     out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -134,7 +149,8 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   step_times, history, last_saved, metrics = [], [], ckpt.latest_step(), {}
   t_last = time.perf_counter()
   for step in range(start, tcfg.steps):
-    batch = sharding_lib.put_batch(batch_at(step), mesh)
+    host_batch = batch_at(step, state["trainable"]) if batch_uses_state else batch_at(step)
+    batch = sharding_lib.put_batch(host_batch, mesh)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(base_rng, step))
     metrics = jax.device_get(metrics)
