@@ -48,3 +48,19 @@ def load_state(directory: str, abstract_state: Any) -> tuple[Any, dict]:
     return ckpt.restore(abstract_state)
   finally:
     ckpt.close()
+
+
+def save_tree(path: str, tree: Any) -> None:
+  """A single pytree (e.g. a finished stage's backbone or best adapter) at `path`."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree, force=True)
+
+
+def load_tree(path: str, abstract_tree: Any) -> Any:
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no saved tree at {path}")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_tree)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path, abstract)

@@ -43,13 +43,24 @@ def init_backbone(model: model_lib.Transformer, seed: int) -> dict:
   return model_lib.init_variables(model, jax.random.key(seed))["params"]
 
 
-def load_backbone(directory: str, model: model_lib.Transformer) -> dict:
-  """The backbone saved by a fully-trained stage (e.g. the demo's SFT stage) in `directory`."""
+def load_backbone(sft_dir: str, model: model_lib.Transformer) -> dict:
+  """The backbone a finished SFT stage saved in `sft_dir/backbone`."""
   abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))["params"]
-  state, meta = checkpoint_lib.load_state(os.path.join(directory, "checkpoints"),
-                                          {"trainable": {"params": abstract}})
-  del meta
-  return state["trainable"]["params"]
+  return checkpoint_lib.load_tree(os.path.join(sft_dir, "backbone"), abstract)
+
+
+def backbone_for(config: ml_collections.ConfigDict, workdir: str,
+                 model: model_lib.Transformer) -> dict:
+  """The frozen backbone as config.model.backbone says (see config_base)."""
+  source = config.model.backbone
+  if source == "random":
+    return init_backbone(model, config.seed)
+  sft_dir = os.path.join(source or workdir, "sft")
+  if not os.path.isdir(os.path.join(sft_dir, "backbone")):
+    raise FileNotFoundError(
+        f"no SFT backbone in {sft_dir}: run the 'sft' stage first (add it to config.stages), "
+        f"point config.model.backbone at a finished run's workdir, or use 'random'")
+  return load_backbone(sft_dir, model)
 
 
 def param_report(trainable: Any, frozen: Any) -> dict:

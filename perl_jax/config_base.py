@@ -1,9 +1,11 @@
-r"""The embedded default: the PERL pipeline on the café-review task, on a laptop CPU.
+"""The config every file in configs/ starts from; each field is documented where it is set.
 
-  python -m perl_jax.main --config=configs/demo.py --workdir=/tmp/perl_demo
-
-Stages (config.stages): `sft` trains a tiny Gemma-architecture backbone from scratch on the task's
-generated corpus (full training, it is the SFT anchor).
+Stages (config.stages, run in order, each writing WORKDIR/<stage>):
+  sft     trains the tiny backbone from scratch on the task corpus (full training): the anchor.
+  prefs   samples response pairs from the anchor and labels them with the task's gold judge
+          (Bradley-Terry noise on train, exact gold on test), written as jsonl for the
+          `jsonl_preferences` TFDS builder.
+  reward  trains the reward model (LoRA adapter + scalar head, or every weight with lora.rank=0).
 """
 import ml_collections
 
@@ -32,10 +34,10 @@ def train(steps: int, batch_size: int) -> ml_collections.ConfigDict:
   ))
 
 
-def get_config():
+def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "reviews"  # the demo task (perl_jax/tasks/reviews.py)
-  c.stages = ("sft",)  # run in order; each writes to WORKDIR/<stage>
+  c.stages = ("sft", "prefs", "reward", "rl")  # run in order; each writes to WORKDIR/<stage>
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
@@ -43,6 +45,9 @@ def get_config():
       dtype="float32",  # compute dtype
       param_dtype="float32",  # backbone storage dtype
       remat=False,  # rematerialise layers in the backward pass
+      # Where later stages get the frozen backbone: "" = this workdir's sft stage; a path = the
+      # workdir of a finished sft run; "random" = fresh initialisation (for tests and benchmarks).
+      backbone="",
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
       path="",  # sentencepiece .model; empty = the task's shipped tokenizer
@@ -73,4 +78,53 @@ def get_config():
       train=train(steps=600, batch_size=32),
       optim=optim(lr=3e-3),
   ))
+  c.prefs = ml_collections.ConfigDict(dict(
+      num_train_prompts=2048,  # training pairs to sample (one pair per prompt)
+      num_eval_prompts=256,  # held-out pairs, prompts from a disjoint seed range
+      temperature=1.0,  # sampling temperature of the anchor for both responses
+      # Train labels are Bradley-Terry draws: P(a preferred) = sigmoid((gold_a - gold_b) / bt_scale)
+      # (smaller = less noise). Held-out labels are the exact gold order (ties dropped).
+      bt_scale=0.25,
+  ))
+  c.reward = ml_collections.ConfigDict(dict(
+      data=ml_collections.ConfigDict(dict(
+          # A dataset of perl_jax.data.preferences: jsonl_preferences, anthropic_hh,
+          # tldr_comparisons, shp or taskmaster (pointwise 0/1 labels, trained with BCE).
+          name="jsonl_preferences",
+          config="",  # builder config, e.g. "harmless-base" for anthropic_hh
+          manual_dir="",  # the dataset's files; "" = WORKDIR/prefs (the prefs stage's output)
+          data_dir="",  # where TFDS writes prepared data; "" = WORKDIR/tfds
+          train_split="train",
+          eval_split="test",
+          max_eval_rows=2048,  # evaluate on at most this many held-out rows
+      )),
+      margin=0.0,  # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)
+      eval_batch_size=64,
+      train=train(steps=300, batch_size=32),
+      optim=optim(lr=1e-3),
+  ))
+  c.rl = ml_collections.ConfigDict(dict(
+      algorithm="reinforce",  # "reinforce" (value baseline, the paper's), "rloo" or "ppo"
+      kl_coef=0.05,  # beta of the objective (1 - beta) * reward - beta * KL(policy || anchor)
+      kl_mode="reward",  # "reward": summed k1 KL in the return; "loss": k3 penalty in the loss
+      temperature=0.7,  # sampling temperature of rollouts and evaluation samples
+      prompts_per_step=16,  # prompts per RL step
+      samples_per_prompt=4,  # completions per prompt (RLOO's k); episodes = product
+      num_train_prompts=1024,  # pool of training prompts (items disjoint from held-out ones)
+      num_eval_prompts=128,  # held-out prompts for evaluation
+      missing_eos_penalty=1.0,  # subtracted from the reward of completions without EOS
+      whiten_rewards=False,  # standardise reward-model scores over each batch
+      whiten_advantages=True,  # standardise advantages over each batch
+      value_coef=0.5,  # weight of the value loss (reinforce, ppo)
+      ppo_clip=0.2,  # PPO ratio clip
+      value_clip=0.2,  # PPO value clip
+      gamma=1.0,  # PPO discount
+      gae_lambda=0.95,  # PPO GAE lambda
+      train=train(steps=150, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
+      optim=optim(lr=1e-3, warmup_steps=10),
+  ))
+  c.rl.train.eval_every = 50
+  c.rl.train.log_every = 10
+  c.rl.train.checkpoint_every = 50
+  c.rl.train.updates_per_batch = 1  # optimizer updates per rollout batch (PPO epochs)
   return c

@@ -15,6 +15,9 @@ from ml_collections import config_flags
 
 from perl_jax import common
 from perl_jax import sharding as sharding_lib
+from perl_jax import prefs
+from perl_jax import reward
+from perl_jax import rl
 from perl_jax import sft
 from perl_jax import train as train_lib
 
@@ -22,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 
-STAGES = {"sft": sft.run}
+STAGES = {"sft": sft.run, "prefs": prefs.run, "reward": reward.run, "rl": rl.run}
 
 
 def run(config, workdir: str) -> dict:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
@@ -71,6 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                                                           config.seed),
       eval_fn=eval_fn, meta={"stage": "sft", "model": config.model.to_dict()}, writer=writer)
   params = result["state"]["trainable"]["params"]
+  checkpoint_lib.save_tree(os.path.join(workdir, "sft", "backbone"), params)
   samples = sample_reviews(model, {"params": params}, tok, reviews.eval_prompts(scfg.num_samples),
                            config, jax.random.key(config.seed + 1))
   well_formed = float(np.mean([reviews.is_well_formed(s) for _, s in samples]))

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_SFT = ["--config.sft.train.steps=4", "--config.sft.train.batch_size=8",
-             "--config.sft.num_train=64", "--config.sft.num_eval=16", "--config.sft.num_samples=4",
+SMALL_SFT = ["--config.stages=('sft',)", "--config.sft.train.steps=4",
+             "--config.sft.train.batch_size=8", "--config.sft.num_train=64", "--config.sft.num_eval=16", "--config.sft.num_samples=4",
              "--config.sft.train.log_every=2", "--config.sampling.max_new_tokens=8"]
 
 

@@ -80,10 +80,20 @@ def make_examples(n: int, seed: int) -> list[Example]:
   return [Example(prompt_for(rng.choice(ITEMS)), sample_review(rng)) for _ in range(n)]
 
 
-def eval_prompts(n: int, seed: int = 10_001) -> list[str]:
-  """Held-out prompts: a seed range the training sets never use."""
+# Reward-model and RL training prompts name these items; held-out prompts name the others. (The
+# SFT corpus covers all items, so the anchor can write about held-out ones too.)
+TRAIN_ITEMS, HELD_OUT_ITEMS = ITEMS[:16], ITEMS[16:]
+
+
+def train_prompts(n: int, seed: int) -> list[str]:
   rng = random.Random(seed)
-  return [prompt_for(rng.choice(ITEMS)) for _ in range(n)]
+  return [prompt_for(rng.choice(TRAIN_ITEMS)) for _ in range(n)]
+
+
+def eval_prompts(n: int, seed: int = 10_001) -> list[str]:
+  """Held-out prompts: items that no reward-model or RL training prompt names."""
+  rng = random.Random(seed)
+  return [prompt_for(rng.choice(HELD_OUT_ITEMS)) for _ in range(n)]
 
 
 def corpus_for_tokenizer(n: int = 20_000, seed: int = 0) -> list[str]:

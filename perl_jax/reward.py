@@ -1,0 +1,189 @@
+"""The `reward` stage: a reward model (backbone + scalar head at the last real token) trained on
+preferences, by LoRA (adapter + head) or, with lora.rank=0, by tuning every weight.
+
+Pairwise data uses the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin), with chosen
+and rejected scored in one forward pass; pointwise 0/1 data (Taskmaster) uses binary cross-entropy
+on the score as a logit.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from perl_jax import checkpoint as checkpoint_lib
+from perl_jax import common
+from perl_jax import lora as lora_lib
+from perl_jax import losses
+from perl_jax import model as model_lib
+from perl_jax import sharding as sharding_lib
+from perl_jax import train as train_lib
+from perl_jax.data import batching
+
+
+def encode_preferences(tok, prefs, max_len: int) -> dict:
+  """{"tokens", "input_mask": [N, K, L], "label": [N]}; K = 2 (chosen, rejected) or 1.
+
+  Each sequence is BOS prompt response EOS, right-padded; long ones keep the start of the prompt
+  and the end of the response (see batching.truncate_pair).
+  """
+  columns = [prefs.chosen] if prefs.kind == "pointwise" else [prefs.chosen, prefs.rejected]
+  tokens, masks = [], []
+  for responses in columns:
+    rows = []
+    for prompt, response in zip(prefs.prompts, responses):
+      p, r = batching.truncate_pair([tok.bos_id] + tok.encode(prompt),
+                                    tok.encode(response) + [tok.eos_id], max_len)
+      rows.append(p + r)
+    t, m = batching.pad_rows(rows, max_len, tok.pad_id)
+    tokens.append(t)
+    masks.append(m)
+  return {"tokens": np.stack(tokens, 1), "input_mask": np.stack(masks, 1),
+          "label": np.asarray(prefs.labels, np.float32)}
+
+
+def scores_of(model: model_lib.Transformer, variables, tokens, input_mask, deterministic=True,
+              rng=None):
+  """Reward of each sequence, read at its last real token. tokens: [..., L] -> [...]."""
+  lead, length = tokens.shape[:-1], tokens.shape[-1]
+  flat_tokens, flat_mask = tokens.reshape(-1, length), input_mask.reshape(-1, length)
+  out = model.apply(variables, flat_tokens, model_lib.positions_from_mask(flat_mask),
+                    model_lib.causal_mask(flat_mask), logits=False, scores=True,
+                    deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
+  return model_lib.last_token_values(out["scores"], flat_mask).reshape(lead)
+
+
+def reward_loss_fn(model, margin: float):
+  def loss_fn(trainable, frozen, batch, rng):
+    scores = scores_of(model, {**frozen, **trainable}, batch["tokens"], batch["input_mask"],
+                       deterministic=False, rng=rng)
+    return losses.preference_loss(scores, batch["label"], margin)
+  return loss_fn
+
+
+def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: float) -> dict:
+  """Metrics over every held-out row (the last partial batch is padded, then dropped)."""
+  n = len(arrays["label"])
+  scores = []
+  for start in range(0, n, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+    short = batch_size - len(batch["label"])
+    if short:
+      batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
+    scores.append(np.asarray(score_fn(trainable, sharding_lib.put_batch(batch, mesh)))
+                  [:batch_size - short])
+  scores = np.concatenate(scores)
+  loss, metrics = losses.preference_loss(jnp.asarray(scores), jnp.asarray(arrays["label"]), margin)
+  metrics = {k: float(v) for k, v in metrics.items()}
+  metrics["loss"] = float(loss)
+  if scores.shape[1] == 1:  # pointwise labels are imbalanced: report balanced accuracy too
+    predicted, labels = scores[:, 0] > 0, arrays["label"] > 0.5
+    recalls = [np.mean(predicted[labels == c] == c) for c in (True, False) if np.any(labels == c)]
+    metrics["balanced_accuracy"] = float(np.mean(recalls))
+  return metrics
+
+
+def _data_dirs(config, workdir):
+  dcfg = config.reward.data
+  manual_dir = dcfg.manual_dir or (os.path.join(workdir, "prefs")
+                                   if dcfg.name == "jsonl_preferences" else "")
+  if not manual_dir:
+    raise ValueError(f"config.reward.data.manual_dir is required for dataset {dcfg.name!r}")
+  return manual_dir, dcfg.data_dir or os.path.join(workdir, "tfds")
+
+
+def load_data(config, workdir, tok):
+  # Imported here: TFDS is slow to import and only stages that read preference data need it.
+  from perl_jax.data import preferences as preferences_lib
+  dcfg = config.reward.data
+  manual_dir, data_dir = _data_dirs(config, workdir)
+  load = lambda split: preferences_lib.load_preferences(
+      dcfg.name, split=split, manual_dir=manual_dir, data_dir=data_dir, config=dcfg.config or None)
+  train_prefs, eval_prefs = load(dcfg.train_split), load(dcfg.eval_split)
+  for split, prefs in ((dcfg.train_split, train_prefs), (dcfg.eval_split, eval_prefs)):
+    if prefs.rows_skipped:
+      shown = "\n  ".join(prefs.skipped[:10])
+      print(f"[reward] {dcfg.name}/{split}: skipped {prefs.rows_skipped} malformed rows:\n  "
+            f"{shown}", flush=True)
+  train_arrays = encode_preferences(tok, train_prefs, config.data.max_len)
+  eval_arrays = encode_preferences(tok, eval_prefs, config.data.max_len)
+  eval_arrays = {k: v[:dcfg.max_eval_rows] for k, v in eval_arrays.items()}
+  return train_prefs, eval_prefs, train_arrays, eval_arrays
+
+
+def reward_model(config, tok):
+  model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
+  return model
+
+
+def init_reward_variables(config, workdir, model):
+  """{"params": frozen backbone, "adapter": fresh LoRA (if any) + zero score head}."""
+  variables = model_lib.init_variables(model, jax.random.key(config.seed + 7), score_head=True)
+  return {"params": common.backbone_for(config, workdir, model),
+          lora_lib.ADAPTER: variables[lora_lib.ADAPTER]}
+
+
+def load_reward_model(config, workdir, tok):
+  """(model, variables) of the best reward model the `reward` stage saved in `workdir`."""
+  model = reward_model(config, tok)
+  variables = init_reward_variables(config, workdir, model)
+  trainable, frozen = lora_lib.split_variables(variables, config.lora.rank == 0)
+  trainable = checkpoint_lib.load_tree(os.path.join(workdir, "reward", "best"), trainable)
+  return model, {**frozen, **trainable}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
+  rcfg = config.reward
+  tok = common.load_tokenizer(config)
+  model = reward_model(config, tok)
+  train_prefs, eval_prefs, train_arrays, eval_arrays = load_data(config, workdir, tok)
+  variables = init_reward_variables(config, workdir, model)
+  full_finetune = config.lora.rank == 0
+  trainable, frozen = lora_lib.split_variables(variables, full_finetune)
+  report = common.param_report(trainable, frozen)
+  print(f"[reward] {train_prefs.kind} data: {len(train_prefs.prompts)} train / "
+        f"{len(eval_arrays['label'])} eval rows; training "
+        f"{'every weight' if full_finetune else f'LoRA rank {config.lora.rank} + head'}: "
+        f"{report['trainable_params']:,} of {report['total_params']:,} params "
+        f"({report['trainable_percent']:.3f}%)", flush=True)
+
+  stage_dir = os.path.join(workdir, "reward")
+  best_path, best_info_path = os.path.join(stage_dir, "best"), os.path.join(stage_dir, "best.json")
+  best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {"accuracy": -1.0}
+  replicated = sharding_lib.replicated(mesh)
+  score_fn = jax.jit(lambda t, b: scores_of(model, {**frozen, **t}, b["tokens"],
+                                            b["input_mask"]),
+                     in_shardings=(replicated, sharding_lib.batch_sharding(mesh)))
+
+  def eval_fn(trainable):
+    metrics = evaluate(score_fn, trainable, eval_arrays, rcfg.eval_batch_size, mesh, rcfg.margin)
+    if metrics["accuracy"] > best["accuracy"]:  # keep the best-validation reward model
+      checkpoint_lib.save_tree(best_path, trainable)
+      best.update(metrics)
+      common.write_json(best_info_path, best)
+    return metrics
+
+  result = train_lib.fit(
+      name="reward", workdir=stage_dir, train_cfg=rcfg.train, optim_cfg=rcfg.optim,
+      seed=config.seed, mesh=mesh, loss_fn=reward_loss_fn(model, rcfg.margin),
+      trainable=trainable, frozen=frozen,
+      batch_at=lambda s: batching.batch_at(train_arrays, s, rcfg.train.batch_size, config.seed),
+      eval_fn=eval_fn, meta={"stage": "reward", "model": config.model.to_dict(),
+                             "lora": config.lora.to_dict()}, writer=writer)
+  final_eval = {k[len("eval_"):]: v for k, v in result["history"][-1].items()
+                if k.startswith("eval_")} if result["history"] else evaluate(
+                    score_fn, result["state"]["trainable"], eval_arrays, rcfg.eval_batch_size,
+                    mesh, rcfg.margin)
+  summary = {f"eval_{k}": v for k, v in final_eval.items()}
+  summary.update({"best_eval_accuracy": best["accuracy"], "steps": result["steps"],
+                  "step_time_s": result["step_time_s"], "pairs_used": len(train_prefs.prompts),
+                  "rows_skipped": train_prefs.rows_skipped + eval_prefs.rows_skipped,
+                  "train_loss": result["final_metrics"].get("loss"), "data_kind": train_prefs.kind,
+                  **report})
+  print(f"[reward] eval accuracy {summary['eval_accuracy']:.3f} "
+        f"(best {best['accuracy']:.3f}), eval loss {summary['eval_loss']:.4f}", flush=True)
+  return summary

@@ -1,0 +1,384 @@
+"""The `rl` stage: PERL reinforcement learning of a LoRA policy against the reward model.
+
+Roles, not copies. One frozen backbone serves as
+  anchor  = backbone, no adapter (the SFT model the KL keeps us near),
+  policy  = backbone + policy adapter (trained),
+  reward  = backbone + reward adapter + head (from the `reward` stage, frozen),
+  value   = backbone + value adapter + head (trained; REINFORCE baseline and PPO critic).
+With lora.rank=0 the policy and value models are full copies (the full-RLHF baseline).
+
+Each step: sample completions from the policy (jitted KV-cache decode), score them (reward model,
+anchor and policy log-probs, values) in one jitted pass, then update by `rl.algorithm`:
+  reinforce  REINFORCE with a learned value baseline V(prompt) (the paper's choice),
+  rloo       k samples per prompt, leave-one-out baseline, no value model,
+  ppo        clipped ratio, per-token values, GAE.
+The objective is E[(1 - beta) * reward - beta * KL(policy || anchor)]. With rl.kl_mode="reward"
+the KL enters the return as the summed k1 estimate; with "loss" it is a k3 penalty in the loss.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from perl_jax import common
+from perl_jax import lora as lora_lib
+from perl_jax import losses
+from perl_jax import model as model_lib
+from perl_jax import reward as reward_lib
+from perl_jax import sampling
+from perl_jax import sft
+from perl_jax import train as train_lib
+from perl_jax.data import batching
+from perl_jax.tasks import reviews
+
+ALGORITHMS = ("reinforce", "rloo", "ppo")
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+def policy_variables(trainable, frozen):
+  return {**frozen, **trainable["policy"]}
+
+
+def value_variables(trainable, frozen):
+  return {**frozen, **trainable["value"]}
+
+
+def anchor_variables(frozen):
+  return {"params": frozen["params"]}
+
+
+def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool):
+  """(trainable, frozen): policy (+ value) adapters over one frozen backbone, or full copies."""
+  policy_adapter = model_lib.init_variables(model, jax.random.key(seed + 11))[lora_lib.ADAPTER]
+  value_adapter = model_lib.init_variables(model, jax.random.key(seed + 12),
+                                           score_head=True)[lora_lib.ADAPTER]
+  if full_finetune:  # adapters hold only the value head here
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    trainable = {"policy": {"params": copy(backbone)}}
+    value = {"params": copy(backbone), lora_lib.ADAPTER: value_adapter}
+  else:
+    trainable = {"policy": {lora_lib.ADAPTER: policy_adapter}}
+    value = {lora_lib.ADAPTER: value_adapter}
+  if with_value:
+    trainable["value"] = value
+  return trainable, {"params": backbone}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def completion_logprobs(model, variables, tokens, input_mask, prompt_len: int):
+  """Log-probs [B, N] of the completion tokens and the entropy of each step's distribution."""
+  out = model.apply(variables, tokens, model_lib.positions_from_mask(input_mask),
+                    model_lib.causal_mask(input_mask))
+  logits = out["logits"][:, prompt_len - 1:-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  chosen = jnp.take_along_axis(logp, tokens[:, prompt_len:, None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return chosen, entropy
+
+
+def token_values(model, variables, tokens, input_mask, prompt_len: int):
+  """Value before each completion token [B, N] (position prompt_len - 1 + t)."""
+  out = model.apply(variables, tokens, model_lib.positions_from_mask(input_mask),
+                    model_lib.causal_mask(input_mask), logits=False, scores=True)
+  return out["scores"][:, prompt_len - 1:-1]
+
+
+def make_scorer(model, reward_fn, rcfg, prompt_len: int, with_value: bool, eos_id: int):
+  """Jitted: rollout -> rewards, anchor/policy log-probs, entropy, values.
+
+  reward_fn(reward_variables, tokens, input_mask) -> [B] scores the whole sequences (the reward
+  model's head at the last real token, or any programmatic reward).
+  """
+
+  @jax.jit
+  def score(trainable, frozen, reward_variables, rollout):
+    tokens, input_mask = rollout["tokens"], rollout["input_mask"]
+    cmask = rollout["completion_mask"]
+    rm_scores = reward_fn(reward_variables, tokens, input_mask)
+    reached_eos = jnp.any(rollout["completion"] == eos_id, axis=1)
+    rm_scores = rm_scores - rcfg.missing_eos_penalty * (~reached_eos)
+    policy_logprobs, entropy = completion_logprobs(
+        model, policy_variables(trainable, frozen), tokens, input_mask, prompt_len)
+    anchor_logprobs, _ = completion_logprobs(model, anchor_variables(frozen), tokens, input_mask,
+                                             prompt_len)
+    out = {"rm_scores": rm_scores, "policy_logprobs": policy_logprobs,
+           "anchor_logprobs": anchor_logprobs,
+           "kl": losses.masked_sum(losses.kl_k1(policy_logprobs, anchor_logprobs), cmask),
+           "entropy": losses.masked_mean(entropy, cmask, axis=1),
+           "length": jnp.sum(cmask, axis=1).astype(jnp.float32)}
+    if with_value:
+      out["values"] = token_values(model, value_variables(trainable, frozen), tokens, input_mask,
+                                   prompt_len)
+    return out
+
+  return score
+
+
+def shape_returns(scored, cmask, rcfg):
+  """Per-sequence returns [B] and per-token rewards [B, N] of the PERL objective."""
+  beta = rcfg.kl_coef
+  rm = scored["rm_scores"]
+  if rcfg.whiten_rewards:
+    rm = losses.whiten(rm)
+  task_reward = (1.0 - beta) * rm
+  kl_tokens = losses.kl_k1(scored["policy_logprobs"], scored["anchor_logprobs"]) * cmask
+  token_rewards = -beta * kl_tokens if rcfg.kl_mode == "reward" else jnp.zeros_like(kl_tokens)
+  last = jnp.sum(cmask, axis=1).astype(jnp.int32) - 1
+  token_rewards = token_rewards + jax.nn.one_hot(last, cmask.shape[1]) * task_reward[:, None]
+  return jnp.sum(token_rewards, axis=1), token_rewards
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def rl_loss_fn(model, rcfg, prompt_len: int):
+  """Pure loss of one RL update; the batch holds the scored rollout and its advantages."""
+  algorithm = rcfg.algorithm
+
+  def loss_fn(trainable, frozen, batch, rng):
+    del rng
+    tokens, input_mask, cmask = batch["tokens"], batch["input_mask"], batch["completion_mask"]
+    cmask = cmask.astype(jnp.float32)
+    logprobs, entropy = completion_logprobs(model, policy_variables(trainable, frozen), tokens,
+                                            input_mask, prompt_len)
+    metrics = {"reward": jnp.mean(batch["rm_scores"]), "kl": jnp.mean(batch["kl"]),
+               "return": jnp.mean(batch["returns"]), "response_length": jnp.mean(batch["length"]),
+               "entropy": jnp.mean(losses.masked_mean(entropy, cmask, axis=1))}
+    if algorithm == "ppo":
+      pg_loss, clip_fraction = losses.ppo_policy_loss(
+          logprobs, batch["policy_logprobs"], batch["advantages"], cmask, rcfg.ppo_clip)
+      values = token_values(model, value_variables(trainable, frozen), tokens, input_mask,
+                            prompt_len)
+      v_loss = losses.value_loss(values, batch["token_returns"], cmask, batch["values"],
+                                 rcfg.value_clip)
+      metrics["clip_fraction"] = clip_fraction
+    else:
+      pg_loss = losses.reinforce_loss(logprobs, cmask, batch["advantages"])
+      v_loss = 0.0
+      if algorithm == "reinforce":
+        prompt_values = token_values(model, value_variables(trainable, frozen), tokens,
+                                     input_mask, prompt_len)[:, 0]
+        v_loss = losses.value_loss(prompt_values, batch["returns"])
+    loss = pg_loss + rcfg.value_coef * v_loss
+    if rcfg.kl_mode == "loss":
+      kl_penalty = jnp.mean(losses.masked_sum(
+          losses.kl_k3(logprobs, batch["anchor_logprobs"]), cmask))
+      loss = loss + rcfg.kl_coef * kl_penalty
+      metrics["kl_k3"] = kl_penalty
+    metrics.update(pg_loss=pg_loss, value_loss=v_loss)
+    return loss, metrics
+
+  return loss_fn
+
+
+def advantages_for(scored, returns, token_rewards, cmask, rcfg):
+  """What the update needs besides the rollout: advantages and value targets."""
+  if rcfg.algorithm == "rloo":
+    adv = losses.rloo_advantages(returns, rcfg.samples_per_prompt)
+    return {"advantages": adv}
+  if rcfg.algorithm == "reinforce":
+    baseline = scored["values"][:, 0]  # V(prompt): the value before the first completion token
+    adv = returns - baseline
+    if rcfg.whiten_advantages:
+      adv = losses.whiten(adv)
+    return {"advantages": adv}
+  adv, token_returns = losses.gae(token_rewards, scored["values"], cmask, rcfg.gamma,
+                                  rcfg.gae_lambda)
+  if rcfg.whiten_advantages:
+    adv = losses.whiten(adv, cmask) * cmask
+  return {"advantages": adv, "token_returns": token_returns}
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def validate(rcfg):
+  if rcfg.algorithm not in ALGORITHMS:
+    raise ValueError(f"rl.algorithm must be one of {ALGORITHMS}, got {rcfg.algorithm!r}")
+  if rcfg.kl_mode not in ("reward", "loss"):
+    raise ValueError(f"rl.kl_mode must be 'reward' or 'loss', got {rcfg.kl_mode!r}")
+  if rcfg.algorithm == "rloo" and rcfg.samples_per_prompt < 2:
+    raise ValueError("rl.algorithm='rloo' needs rl.samples_per_prompt >= 2")
+  if not 0.0 <= rcfg.kl_coef < 1.0:
+    raise ValueError(f"rl.kl_coef (beta) must be in [0, 1), got {rcfg.kl_coef}")
+
+
+def reward_model_fn(rm_model):
+  return lambda variables, tokens, input_mask: reward_lib.scores_of(rm_model, variables, tokens,
+                                                                    input_mask)
+
+
+def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, frozen, reward_fn,
+                 reward_variables, prompt_arrays, sample_cfg, eval_fn=None) -> dict:
+  """The RL loop: rollouts from the current policy, scoring, then `rl.algorithm`'s update.
+
+  prompt_arrays: {"tokens", "mask"} left-padded training prompts of length data.prompt_len.
+  Returns fit's result plus the median rollout and scoring times.
+  """
+  rcfg = config.rl
+  validate(rcfg)
+  prompt_len = prompt_arrays["tokens"].shape[1]
+  with_value = rcfg.algorithm in ("reinforce", "ppo")
+  score = make_scorer(model, reward_fn, rcfg, prompt_len, with_value, sample_cfg.eos_id)
+  shape = jax.jit(lambda scored, cmask: shape_returns(scored, cmask, rcfg))
+  timings = {"rollout": [], "scoring": []}
+
+  def rollout_batch(step, trainable):
+    prompts = batching.batch_at(prompt_arrays, step, rcfg.prompts_per_step, config.seed)
+    k = rcfg.samples_per_prompt
+    tokens = jnp.asarray(np.repeat(prompts["tokens"], k, axis=0))
+    mask = jnp.asarray(np.repeat(prompts["mask"], k, axis=0))
+    t0 = time.perf_counter()
+    rollout = sampling.sample(model, policy_variables(trainable, frozen), tokens, mask,
+                              jax.random.fold_in(jax.random.key(config.seed + 21), step),
+                              sample_cfg)
+    jax.block_until_ready(rollout)
+    t1 = time.perf_counter()
+    scored = score(trainable, frozen, reward_variables, rollout)
+    cmask = rollout["completion_mask"].astype(jnp.float32)
+    returns, token_rewards = shape(scored, cmask)
+    extra = advantages_for(scored, returns, token_rewards, cmask, rcfg)
+    keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length")
+    batch = {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
+             "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
+             **{k: scored[k] for k in keep + (("values",) if with_value else ())}}
+    batch = jax.device_get(batch)
+    timings["rollout"].append(t1 - t0)
+    timings["scoring"].append(time.perf_counter() - t1)
+    return batch
+
+  result = train_lib.fit(
+      name=name, workdir=stage_dir, train_cfg=rcfg.train, optim_cfg=rcfg.optim, seed=config.seed,
+      mesh=mesh, loss_fn=rl_loss_fn(model, rcfg, prompt_len), trainable=trainable, frozen=frozen,
+      batch_at=rollout_batch, batch_uses_state=True, eval_fn=eval_fn,
+      meta={"stage": name, "algorithm": rcfg.algorithm}, writer=writer)
+  median = lambda xs: float(np.median(xs[1:] if len(xs) > 1 else xs)) if xs else float("nan")
+  result["rollout_time_s"] = median(timings["rollout"])  # the first call compiles: skipped
+  result["scoring_time_s"] = median(timings["scoring"])
+  return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
+  rcfg = config.rl
+  validate(rcfg)
+  stage_dir = os.path.join(workdir, "rl")
+  os.makedirs(stage_dir, exist_ok=True)
+  tok = common.load_tokenizer(config)
+  model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
+  full_finetune = config.lora.rank == 0
+  rm_model, rm_variables = reward_lib.load_reward_model(config, workdir, tok)
+  # Under LoRA the reward model's backbone *is* the policy's: the same arrays, not a copy.
+  backbone = rm_variables["params"] if not full_finetune else common.backbone_for(
+      config, workdir, model)
+  with_value = rcfg.algorithm in ("reinforce", "ppo")
+  trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value)
+  report = common.param_report(trainable, frozen)
+  what = "full model copies" if full_finetune else "LoRA adapters"
+  print(f"[rl] {rcfg.algorithm}: training {what} ({report['trainable_params']:,} params); "
+        f"beta={rcfg.kl_coef}, kl_mode={rcfg.kl_mode}, "
+        f"{rcfg.prompts_per_step} prompts x {rcfg.samples_per_prompt} samples per step",
+        flush=True)
+  sample_cfg = sampling.SamplingConfig(config.sampling.max_new_tokens, rcfg.temperature,
+                                       config.sampling.top_k, config.sampling.top_p, tok.eos_id,
+                                       tok.pad_id)
+  reward_fn = reward_model_fn(rm_model)
+  evaluate = make_evaluator(config, model, reward_fn, rm_variables, frozen, tok, sample_cfg)
+
+  def eval_fn(trainable):
+    metrics = evaluate(trainable)
+    for line in metrics.pop("samples"):
+      print(f"[rl] sample: {line}", flush=True)
+    return metrics
+
+  initial_path = os.path.join(stage_dir, "initial_eval.json")
+  if os.path.exists(initial_path):
+    initial = json.load(open(initial_path))
+  else:
+    initial = evaluate(trainable)
+    common.write_json(initial_path, initial)
+  print(f"[rl] before training: reward {initial['reward']:.3f}, gold reward "
+        f"{initial.get('gold_reward', float('nan')):.3f}", flush=True)
+
+  prompts = reviews.train_prompts(rcfg.num_train_prompts, seed=config.seed + 5)
+  prompt_tokens, prompt_mask = sft.encode_prompts(tok, prompts, config.data.prompt_len)
+  result = train_policy(name="rl", stage_dir=stage_dir, config=config, mesh=mesh, writer=writer,
+                        model=model, trainable=trainable, frozen=frozen, reward_fn=reward_fn,
+                        reward_variables=rm_variables,
+                        prompt_arrays={"tokens": prompt_tokens, "mask": prompt_mask},
+                        sample_cfg=sample_cfg, eval_fn=eval_fn)
+  final = evaluate(result["state"]["trainable"])
+  samples = final.pop("samples")
+  initial_samples = initial.pop("samples", [])
+  rollout_s, scoring_s = result["rollout_time_s"], result["scoring_time_s"]
+  batch_tokens = rcfg.prompts_per_step * rcfg.samples_per_prompt * config.sampling.max_new_tokens
+  curve = [{k: h[k] for k in ("step", "reward", "kl", "eval_reward", "eval_kl",
+                              "eval_gold_reward") if k in h} for h in result["history"]]
+  common.write_json(os.path.join(stage_dir, "curve.json"), curve)
+  summary = {"reward_initial": initial["reward"], "reward_final": final["reward"],
+             "kl_final": final["kl"], "win_rate_vs_anchor": final["win_rate_vs_anchor"],
+             "steps": result["steps"],
+             "step_time_s": result["step_time_s"] + rollout_s + scoring_s,
+             "step_time_split_s": {"rollout": rollout_s, "scoring": scoring_s,
+                                   "update": result["step_time_s"]},
+             "rollout_tokens_per_s": batch_tokens / rollout_s,
+             "samples_before": initial_samples, "samples_after": samples,
+             **{f"final_{k}": v for k, v in final.items()},
+             **{f"initial_{k}": v for k, v in initial.items()}, **report}
+  for key in ("gold_reward", "gold_win_rate_vs_anchor", "anchor_gold_reward"):
+    if key in final:
+      summary[key] = final[key]
+  print(f"[rl] reward {summary['reward_initial']:.3f} -> {summary['reward_final']:.3f}, "
+        f"KL {summary['kl_final']:.3f}, RM win rate vs anchor "
+        f"{summary['win_rate_vs_anchor']:.2f}" + (
+            f", gold reward {final['anchor_gold_reward']:.3f} (anchor) -> "
+            f"{final['gold_reward']:.3f}, gold win rate {final['gold_win_rate_vs_anchor']:.2f}"
+            if "gold_reward" in final else ""), flush=True)
+  return summary
+
+
+def make_evaluator(config, model, reward_fn, reward_variables, frozen, tok, sample_cfg):
+  """Held-out evaluation: policy vs anchor samples on prompts RL never trains on."""
+  rcfg = config.rl
+  prompts = reviews.eval_prompts(rcfg.num_eval_prompts)
+  tokens, mask = (jnp.asarray(a) for a in sft.encode_prompts(tok, prompts, config.data.prompt_len))
+  rng = jax.random.key(config.seed + 31)
+  scorer = make_scorer(model, reward_fn, rcfg, config.data.prompt_len, False, tok.eos_id)
+  has_gold = config.task == "reviews"
+  anchor_cache = {}
+
+  def rollout_and_score(trainable, variables):
+    rollout = sampling.sample(model, variables, tokens, mask, rng, sample_cfg)
+    scored = jax.device_get(scorer(trainable, frozen, reward_variables, rollout))
+    texts = [tok.decode(c) for c in jax.device_get(rollout["completion"])]
+    return scored, texts
+
+  def evaluate(trainable):
+    if "anchor" not in anchor_cache:
+      anchor_cache["anchor"] = rollout_and_score(trainable, anchor_variables(frozen))
+    anchor_scored, anchor_texts = anchor_cache["anchor"]
+    scored, texts = rollout_and_score(trainable, policy_variables(trainable, frozen))
+    win = lambda a, b: float(np.mean((a > b) + 0.5 * (a == b)))
+    metrics = {"reward": float(np.mean(scored["rm_scores"])),
+               "anchor_reward": float(np.mean(anchor_scored["rm_scores"])),
+               "kl": float(np.mean(scored["kl"])), "entropy": float(np.mean(scored["entropy"])),
+               "response_length": float(np.mean(scored["length"])),
+               "win_rate_vs_anchor": win(scored["rm_scores"], anchor_scored["rm_scores"])}
+    if has_gold:
+      gold = np.asarray([reviews.gold_reward(t) for t in texts])
+      anchor_gold = np.asarray([reviews.gold_reward(t) for t in anchor_texts])
+      metrics.update(gold_reward=float(gold.mean()), anchor_gold_reward=float(anchor_gold.mean()),
+                     gold_win_rate_vs_anchor=win(gold, anchor_gold))
+    metrics["samples"] = [f"{p} {t}" for p, t in zip(prompts[:3], texts[:3])]
+    return metrics
+
+  return evaluate

@@ -1,0 +1,96 @@
+"""RL: roles over one backbone, KL at the start, and learning a programmatic reward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perl_jax import config_base
+from perl_jax import lora as lora_lib
+from perl_jax import model as model_lib
+from perl_jax import rl
+from perl_jax import sampling
+from perl_jax import sharding as sharding_lib
+from perl_jax.data import batching
+
+GOOD_TOKENS = 64  # the reward is the fraction of completion tokens with id < 64 (1/8 of vocab)
+
+
+def _reward_fn(variables, tokens, input_mask, prompt_len=4):
+  del variables
+  completion = tokens[:, prompt_len:]
+  real = input_mask[:, prompt_len:]
+  return jnp.sum((completion < GOOD_TOKENS) & real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1)
+
+
+def _setup(algorithm, steps=40, full_finetune=False):
+  config = config_base.base_config()
+  config.rl.algorithm = algorithm
+  config.rl.prompts_per_step, config.rl.samples_per_prompt = 8, 4
+  config.rl.train.steps, config.rl.train.batch_size = steps, 32
+  config.rl.train.eval_every, config.rl.train.log_every = 0, 10
+  config.rl.train.checkpoint_every = steps
+  config.rl.optim.lr, config.rl.optim.warmup_steps = 1e-2, 2
+  config.rl.kl_coef = 0.01
+  config.rl.missing_eos_penalty = 0.0
+  if algorithm == "ppo":
+    config.rl.train.updates_per_batch = 2
+  cfg = model_lib.model_config("tiny")
+  model = model_lib.build(cfg, lora_rank=0 if full_finetune else 8,
+                          lora_targets=("attn/", "mlp/"))
+  backbone = model_lib.init_variables(model, jax.random.key(0))["params"]
+  trainable, frozen = rl.init_roles(model, backbone, full_finetune, 0,
+                                    with_value=algorithm != "rloo")
+  rows = [[2, 10 + i, 20 + i, 30 + i] for i in range(16)]
+  tokens, mask = batching.pad_rows(rows, 4, 0, left=True)
+  sample_cfg = sampling.SamplingConfig(8, temperature=1.0, eos_id=-1)  # fixed-length completions
+  return config, model, trainable, frozen, {"tokens": tokens, "mask": mask}, sample_cfg
+
+
+def test_policy_equals_anchor_at_start_and_kl_is_zero():
+  config, model, trainable, frozen, prompts, sample_cfg = _setup("reinforce")
+  rollout = sampling.sample(model, rl.policy_variables(trainable, frozen),
+                            jnp.asarray(prompts["tokens"]), jnp.asarray(prompts["mask"]),
+                            jax.random.key(0), sample_cfg)
+  score = rl.make_scorer(model, _reward_fn, config.rl, 4, True, -1)
+  scored = score(trainable, frozen, {}, rollout)
+  np.testing.assert_array_equal(np.asarray(scored["policy_logprobs"]),
+                                np.asarray(scored["anchor_logprobs"]))
+  np.testing.assert_array_equal(np.asarray(scored["kl"]), 0.0)
+  # Roles share the backbone: the anchor and policy variables hold the very same arrays.
+  assert rl.anchor_variables(frozen)["params"] is rl.policy_variables(trainable, frozen)["params"]
+  assert "params" not in trainable["policy"]
+  leaves = lora_lib.flatten(trainable)
+  assert all(p.endswith(("lora_a", "lora_b")) or "score_head" in p for p in leaves)
+
+
+def test_nothing_after_eos_counts():
+  config, model, trainable, frozen, prompts, _ = _setup("reinforce")
+  adapter = jax.tree.map(lambda x: x + 0.05, trainable)  # a policy that differs from the anchor
+  sample_cfg = sampling.SamplingConfig(8, temperature=1.0, eos_id=5)
+  rollout = sampling.sample(model, rl.policy_variables(adapter, frozen),
+                            jnp.asarray(prompts["tokens"]), jnp.asarray(prompts["mask"]),
+                            jax.random.key(0), sample_cfg)
+  cmask = rollout["completion_mask"]
+  # Change every token after EOS (and their mask stays False): KL and loss must not move.
+  tampered = dict(rollout)
+  tampered["tokens"] = jnp.where(jnp.concatenate([jnp.ones((16, 4), bool), cmask], 1),
+                                 rollout["tokens"], 77)
+  score = rl.make_scorer(model, _reward_fn, config.rl, 4, True, 5)
+  a, b = score(adapter, frozen, {}, rollout), score(adapter, frozen, {}, tampered)
+  np.testing.assert_allclose(np.asarray(a["kl"]), np.asarray(b["kl"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "ppo"])
+def test_short_rl_run_raises_reward_with_bounded_kl(tmp_path, algorithm):
+  config, model, trainable, frozen, prompts, sample_cfg = _setup(algorithm)
+  mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  result = rl.train_policy(name="rl", stage_dir=str(tmp_path), config=config, mesh=mesh,
+                           writer=None, model=model, trainable=trainable, frozen=frozen,
+                           reward_fn=_reward_fn, reward_variables={}, prompt_arrays=prompts,
+                           sample_cfg=sample_cfg)
+  rewards = [h["reward"] for h in result["history"]]
+  kls = [h["kl"] for h in result["history"]]
+  first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+  assert first < 0.25  # about 1/8 by chance
+  assert last > first + 0.15, rewards
+  assert np.isfinite(kls).all() and max(kls) < 20.0
