@@ -57,7 +57,8 @@ def anchor_variables(frozen):
 
 def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool):
   """(trainable, frozen): policy (+ value) adapters over one frozen backbone, or full copies."""
-  policy_adapter = model_lib.init_variables(model, jax.random.key(seed + 11))[lora_lib.ADAPTER]
+  policy_adapter = model_lib.init_variables(model, jax.random.key(seed + 11)).get(
+      lora_lib.ADAPTER, {})
   value_adapter = model_lib.init_variables(model, jax.random.key(seed + 12),
                                            score_head=True)[lora_lib.ADAPTER]
   if full_finetune:  # adapters hold only the value head here

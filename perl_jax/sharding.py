@@ -6,6 +6,7 @@ takes the remaining devices. Batches are split over data x fsdp.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -55,4 +56,77 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     if value.shape[0] % div:
       raise ValueError(f"batch field {name!r} has {value.shape[0]} rows, not divisible by the "
                        f"{div} data-parallel devices of the mesh")
-  return jax.device_put(batch, batch_sharding(mesh))
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  # Multi-host: each process contributes only its own rows of the global batch.
+  index, count = jax.process_index(), jax.process_count()
+  return {name: jax.make_array_from_process_local_data(
+      sharding, value[index * len(value) // count:(index + 1) * len(value) // count],
+      value.shape) for name, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------- parameter rules
+
+# Ordered (regex over the leaf path, logical axes per dimension); the first match wins, and a
+# leaf no rule matches is an error. Optimizer states reuse their parameter's rule (their paths
+# end with the parameter's path). LoRA factors are small: only their large side is sharded.
+PARAM_RULES = (
+    (r"embedder/input_embedding$", ("vocab", "embed")),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"attn/(q|k|v)/kernel$", ("embed", "heads", None)),
+    (r"attn/o/kernel$", ("heads", None, "embed")),
+    (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),
+    (r"mlp/down/kernel$", ("mlp", "embed")),
+    (r"attn/(q|k|v)/lora_a$", ("embed", None)),
+    (r"attn/(q|k|v)/lora_b$", (None, "heads", None)),
+    (r"attn/o/lora_a$", ("heads", None, None)),
+    (r"attn/o/lora_b$", (None, "embed")),
+    (r"mlp/(gate|up)/lora_a$", ("embed", None)),
+    (r"mlp/(gate|up)/lora_b$", (None, "mlp")),
+    (r"mlp/down/lora_a$", ("mlp", None)),
+    (r"mlp/down/lora_b$", (None, "embed")),
+    (r"(scale|score_head/kernel|score_head/bias)$", None),  # small: replicated
+    (r"(^|/)(count|step|mu|nu)$|^step$", None),  # optimizer counters and scalars
+)
+
+# Logical axis -> mesh axes (the t5x-style table); batch goes over data x fsdp.
+LOGICAL_TO_MESH = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "mlp": "tensor"}
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def spec_for(path: str, shape: tuple, mesh: Mesh, rules=PARAM_RULES,
+             logical_to_mesh=LOGICAL_TO_MESH) -> P:
+  """PartitionSpec of one leaf; a dimension the mesh axis does not divide stays unsharded."""
+  if len(shape) == 0:
+    return P()
+  for pattern, logical in rules:
+    if re.search(pattern, path):
+      if logical is None:
+        return P()
+      if len(logical) != len(shape):
+        raise ValueError(f"sharding rule {pattern!r} gives {len(logical)} axes for {path} of "
+                         f"shape {shape}")
+      axes = []
+      for dim, name in zip(shape, logical):
+        mesh_axis = logical_to_mesh.get(name) if name else None
+        if mesh_axis and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0:
+          axes.append(mesh_axis)
+        else:
+          axes.append(None)
+      return P(*axes)
+  raise ValueError(f"no sharding rule matches parameter {path} (shape {shape}); add one to "
+                   f"perl_jax.sharding.PARAM_RULES")
+
+
+def tree_shardings(tree, mesh: Mesh):
+  """NamedSharding for every leaf of a params / train-state tree, by PARAM_RULES."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, spec_for(_path_str(path), tuple(leaf.shape), mesh)),
+      tree)

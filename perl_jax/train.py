@@ -85,6 +85,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ac
   return train_step
 
 
+def sharded_train_step(train_step, mesh, state, frozen):
+  """jit of a train step with explicit shardings: state and frozen leaves by the parameter
+  rules of perl_jax.sharding, batches over data x fsdp; the state is donated."""
+  state_shardings = sharding_lib.tree_shardings(state, mesh)
+  frozen_shardings = sharding_lib.tree_shardings(frozen, mesh)
+  replicated = sharding_lib.replicated(mesh)
+  step_fn = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings,
+                                              sharding_lib.batch_sharding(mesh), replicated),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return step_fn, state_shardings, frozen_shardings
+
+
 class Writer:
   """TensorBoard scalars (tensorboardX: no TensorFlow needed) plus a JSON-lines log."""
 
@@ -117,6 +129,8 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
         writer: Writer | None = None) -> dict:
   """Trains `trainable` for config.train.steps optimizer steps; returns final metrics.
 
+  The step donates its state: `fit` owns the `trainable` arrays passed in (use the returned state).
+
   `batch_at(step)` gives the step's batch; with `batch_uses_state`, `batch_at(step, trainable)`
   (RL: rollouts come from the current policy). Resumes from the latest checkpoint in
   `workdir/checkpoints` if there is one; the batches, the random numbers and therefore the losses
@@ -125,10 +139,13 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   tcfg = train_cfg
   os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(optim_cfg, tcfg.steps)
-  replicated = sharding_lib.replicated(mesh)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": optimizer.init(trainable)}
-  state = jax.device_put(state, replicated)
+  step_fn, state_shardings, frozen_shardings = sharded_train_step(
+      make_train_step(loss_fn, optimizer, tcfg.accum_steps, tcfg.get("updates_per_batch", 1)),
+      mesh, state, frozen)
+  state = jax.device_put(state, state_shardings)
+  frozen = jax.device_put(frozen, frozen_shardings)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state, saved_meta = ckpt.restore(state)
@@ -137,11 +154,6 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
     del saved_meta
   start = int(state["step"])
 
-  step_fn = jax.jit(make_train_step(loss_fn, optimizer, tcfg.accum_steps,
-                                    tcfg.get("updates_per_batch", 1)),
-                    in_shardings=(replicated, replicated, sharding_lib.batch_sharding(mesh),
-                                  replicated),
-                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   base_rng = jax.random.key(seed)
   own_writer = writer is None
   writer = writer or Writer(workdir)

@@ -28,7 +28,7 @@ def _problem(noise_scale=0.01):
 
   def loss_fn(trainable, frozen, batch, rng):
     noise = noise_scale * jax.random.normal(rng, batch["x"].shape[:1])
-    pred = batch["x"] @ (trainable["w"] + frozen["offset"]) + noise
+    pred = batch["x"] @ (trainable["w"]["scale"] + frozen["offset"]["scale"]) + noise
     loss = jnp.mean((pred - batch["y"]) ** 2) * batch["scale"][0]
     return loss, {"pred_mean": jnp.mean(pred)}
 
@@ -37,7 +37,8 @@ def _problem(noise_scale=0.01):
     x = rng.normal(size=(8, 4)).astype(np.float32)
     return {"x": x, "y": x @ np.asarray(w_true), "scale": np.ones((8,), np.float32)}
 
-  return loss_fn, batch_at, {"w": jnp.zeros(4)}, {"offset": jnp.zeros(4)}
+  # Leaf names follow the model's (".../scale") so the sharding rules place them.
+  return loss_fn, batch_at, {"w": {"scale": jnp.zeros(4)}}, {"offset": {"scale": jnp.zeros(4)}}
 
 
 def _fit(workdir, batch_at, steps=6, accum=1, **kw):
@@ -65,8 +66,8 @@ def test_resume_after_interruption_continues_exactly(tmp_path):
   assert resumed["resumed_from"] == 3
   losses = lambda r: [h["loss"] for h in r["history"]]
   np.testing.assert_allclose(losses(resumed), losses(straight)[3:], rtol=0, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(resumed["state"]["trainable"]["w"]),
-                             np.asarray(straight["state"]["trainable"]["w"]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(resumed["state"]["trainable"]["w"]["scale"]),
+                             np.asarray(straight["state"]["trainable"]["w"]["scale"]), atol=1e-6)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -106,8 +107,8 @@ def test_gradient_accumulation_matches_one_big_batch():
                                                                jax.random.key(1))
   four = train_lib.make_train_step(deterministic, optimizer, 4)(state, frozen, batch,
                                                                 jax.random.key(1))
-  np.testing.assert_allclose(np.asarray(one[0]["trainable"]["w"]),
-                             np.asarray(four[0]["trainable"]["w"]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(one[0]["trainable"]["w"]["scale"]),
+                             np.asarray(four[0]["trainable"]["w"]["scale"]), atol=1e-6)
   np.testing.assert_allclose(float(one[1]["loss"]), float(four[1]["loss"]), rtol=1e-6)
 
 

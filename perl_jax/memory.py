@@ -1,0 +1,108 @@
+"""Accelerator memory of the real train steps, read from XLA without running them.
+
+`reward_step_memory` and `rl_step_memory` lower and compile the same jitted steps the stages run
+(from shapes only: nothing is allocated), and report XLA's `memory_analysis()` plus the bytes of
+every resident model copy and optimizer state. Full fine-tuning is the baseline layout: its own
+copy of the weights per trained role, Adam states for each.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from perl_jax import lora as lora_lib
+from perl_jax import model as model_lib
+from perl_jax import reward as reward_lib
+from perl_jax import rl
+from perl_jax import train as train_lib
+
+GiB = 1024 ** 3
+
+
+def _bytes(tree) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def _compiled_stats(fn, *args) -> dict:
+  stats = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile().memory_analysis()  # as fit
+  return {"argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
+          "temp_bytes": stats.temp_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
+          "peak_bytes": stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes}
+
+
+def _optimizer():
+  cfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0,
+                                       final_lr_fraction=1.0, weight_decay=0.0, b1=0.9, b2=0.999,
+                                       clip_norm=1.0))
+  return train_lib.make_optimizer(cfg, 1000)
+
+
+def _state(trainable, optimizer):
+  return {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": trainable,
+          "opt_state": jax.eval_shape(optimizer.init, trainable)}
+
+
+def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: int,
+                       seq_len: int, targets=("attn/(q|k|v|o)$",)) -> dict:
+  """Memory of one reward-model train step (pairs: chosen + rejected in one pass)."""
+  model = model_lib.build(cfg, lora_rank, lora_targets=targets)
+  variables = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0),
+                                                              score_head=True))
+  trainable, frozen = lora_lib.split_variables(variables, lora_rank == 0)
+  optimizer = _optimizer()
+  state = _state(trainable, optimizer)
+  batch = {"tokens": jax.ShapeDtypeStruct((batch_pairs, 2, seq_len), jnp.int32),
+           "input_mask": jax.ShapeDtypeStruct((batch_pairs, 2, seq_len), bool),
+           "label": jax.ShapeDtypeStruct((batch_pairs,), jnp.float32)}
+  step = train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1)
+  stats = _compiled_stats(step, state, frozen, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  stats.update(trainable_params=lora_lib.count_params(trainable),
+               total_params=lora_lib.count_params(variables),
+               weights_bytes=_bytes(variables), optimizer_bytes=_bytes(state["opt_state"]))
+  return stats
+
+
+def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, prompt_len: int,
+                   new_tokens: int, algorithm: str = "reinforce",
+                   targets=("attn/(q|k|v|o)$",)) -> dict:
+  """Memory of one RL update (policy + value) plus the resident reward model and anchor.
+
+  LoRA (PERL): one backbone shared by anchor, policy, value and reward model; adapters, heads and
+  their Adam states on top. Full (RLHF): anchor weights, a reward model copy, and trained policy
+  and value copies with Adam states.
+  """
+  model = model_lib.build(cfg, lora_rank, lora_targets=targets)
+  full = lora_rank == 0
+  backbone = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))["params"]
+  trainable, frozen = jax.eval_shape(
+      lambda b: rl.init_roles(model, b, full, 0, with_value=algorithm != "rloo"), backbone)
+  optimizer = _optimizer()
+  state = _state(trainable, optimizer)
+  n = new_tokens
+  seq = prompt_len + n
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  batch = {"tokens": jax.ShapeDtypeStruct((episodes, seq), jnp.int32),
+           "input_mask": jax.ShapeDtypeStruct((episodes, seq), bool),
+           "completion_mask": jax.ShapeDtypeStruct((episodes, n), bool),
+           "returns": f32(episodes), "advantages": f32(episodes) if algorithm != "ppo"
+           else f32(episodes, n), "rm_scores": f32(episodes), "policy_logprobs": f32(episodes, n),
+           "anchor_logprobs": f32(episodes, n), "kl": f32(episodes), "length": f32(episodes)}
+  if algorithm == "ppo":
+    batch.update(values=f32(episodes, n), token_returns=f32(episodes, n))
+  rcfg = ml_collections.ConfigDict(dict(algorithm=algorithm, kl_coef=0.05, kl_mode="reward",
+                                        ppo_clip=0.2, value_clip=0.2, value_coef=0.5))
+  step = train_lib.make_train_step(rl.rl_loss_fn(model, rcfg, prompt_len), optimizer, 1)
+  stats = _compiled_stats(step, state, frozen, batch,
+                          jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  # The reward model stays resident during the update: under LoRA only its adapter and head
+  # (the backbone is the shared one already counted in `frozen`); under full RLHF a whole copy.
+  rm_model = model_lib.build(cfg, lora_rank, lora_targets=targets)
+  rm_vars = jax.eval_shape(lambda: model_lib.init_variables(rm_model, jax.random.key(0),
+                                                            score_head=True))
+  rm_resident = _bytes(rm_vars) if full else _bytes(rm_vars[lora_lib.ADAPTER])
+  stats.update(reward_model_bytes=rm_resident, total_bytes=stats["peak_bytes"] + rm_resident,
+               trainable_params=lora_lib.count_params(trainable),
+               optimizer_bytes=_bytes(state["opt_state"]))
+  return stats
