@@ -20,6 +20,8 @@ setuptools.setup(
         "absl-py>=2.1.0",
         # TensorBoard event files without TensorFlow (flax.metrics.tensorboard needs TF).
         "tensorboardX>=2.6",
+        # PNG reward/KL curves in the demo report and experiments.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8.0"],

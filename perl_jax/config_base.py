@@ -37,7 +37,7 @@ def train(steps: int, batch_size: int) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "reviews"  # the demo task (perl_jax/tasks/reviews.py)
-  c.stages = ("sft", "prefs", "reward", "rl")  # run in order; each writes to WORKDIR/<stage>
+  c.stages = ("sft", "prefs", "reward", "rl", "report")  # run in order; each writes to WORKDIR/<stage>
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_train=20_000,  # generated training reviews
       num_eval=512,  # generated held-out reviews
       num_samples=64,  # held-out prompts sampled after training
-      train=train(steps=600, batch_size=32),
+      train=train(steps=300, batch_size=32),
       optim=optim(lr=3e-3),
   ))
   c.prefs = ml_collections.ConfigDict(dict(
@@ -100,9 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
       )),
       margin=0.0,  # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)
       eval_batch_size=64,
-      train=train(steps=300, batch_size=32),
+      train=train(steps=120, batch_size=32),
       optim=optim(lr=1e-3),
   ))
+  c.reward.train.eval_every = 40
+  c.reward.train.checkpoint_every = 40
   c.rl = ml_collections.ConfigDict(dict(
       algorithm="reinforce",  # "reinforce" (value baseline, the paper's), "rloo" or "ppo"
       kl_coef=0.05,  # beta of the objective (1 - beta) * reward - beta * KL(policy || anchor)
@@ -120,11 +122,11 @@ def base_config() -> ml_collections.ConfigDict:
       value_clip=0.2,  # PPO value clip
       gamma=1.0,  # PPO discount
       gae_lambda=0.95,  # PPO GAE lambda
-      train=train(steps=150, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
+      train=train(steps=60, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
       optim=optim(lr=1e-3, warmup_steps=10),
   ))
-  c.rl.train.eval_every = 50
+  c.rl.train.eval_every = 20
   c.rl.train.log_every = 10
-  c.rl.train.checkpoint_every = 50
+  c.rl.train.checkpoint_every = 20
   c.rl.train.updates_per_batch = 1  # optimizer updates per rollout batch (PPO epochs)
   return c

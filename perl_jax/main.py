@@ -6,6 +6,7 @@ same command resumes each stage from its last checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -16,6 +17,7 @@ from ml_collections import config_flags
 from perl_jax import common
 from perl_jax import sharding as sharding_lib
 from perl_jax import prefs
+from perl_jax import report
 from perl_jax import reward
 from perl_jax import rl
 from perl_jax import sft
@@ -25,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 
-STAGES = {"sft": sft.run, "prefs": prefs.run, "reward": reward.run, "rl": rl.run}
+STAGES = {"sft": sft.run, "prefs": prefs.run, "reward": reward.run, "rl": rl.run, "report": report.run}
 
 
 def run(config, workdir: str) -> dict:
@@ -38,14 +40,17 @@ def run(config, workdir: str) -> dict:
   print(f"perl_jax: {len(jax.devices())} {jax.devices()[0].platform} device(s), mesh "
         f"{dict(mesh.shape)}, stages {list(config.stages)}, workdir {workdir}", flush=True)
   writer = train_lib.Writer(workdir)
-  summary = {"config": config.to_dict(), "stages": {}}
+  summary_path = os.path.join(workdir, "summary.json")
+  # Earlier runs in this workdir (e.g. of other stages) keep their results.
+  previous = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  summary = {"config": config.to_dict(), "stages": previous.get("stages", {})}
   for stage in config.stages:
     t0 = time.perf_counter()
     result = STAGES[stage](config, workdir, mesh, writer)
     result["wall_time_s"] = time.perf_counter() - t0
     summary["stages"][stage] = result
-    summary.update({k: v for k, v in result.items() if k != "samples"})
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    summary.update({k: v for k, v in result.items() if not k.startswith("samples")})
+    common.write_json(summary_path, summary)
     print(f"[{stage}] done in {result['wall_time_s']:.1f}s", flush=True)
   writer.close()
   return summary

@@ -7,6 +7,8 @@ copy of the weights per trained role, Adam states for each.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,6 +17,7 @@ from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import reward as reward_lib
 from perl_jax import rl
+from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 
 GiB = 1024 ** 3
@@ -24,8 +27,14 @@ def _bytes(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def _compiled_stats(fn, *args) -> dict:
-  stats = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile().memory_analysis()  # as fit
+def _compiled_stats(step, state, frozen, batch, mesh=None) -> dict:
+  """XLA's memory analysis of the step jitted as `fit` jits it (per device on a mesh)."""
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  if mesh is None:
+    jitted = jax.jit(step, donate_argnums=(0,))
+  else:
+    jitted = train_lib.sharded_train_step(step, mesh, state, frozen)[0]
+  stats = jitted.lower(state, frozen, batch, rng).compile().memory_analysis()
   return {"argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
           "temp_bytes": stats.temp_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
           "peak_bytes": stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -45,7 +54,7 @@ def _state(trainable, optimizer):
 
 
 def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: int,
-                       seq_len: int, targets=("attn/(q|k|v|o)$",)) -> dict:
+                       seq_len: int, targets=("attn/(q|k|v|o)$",), mesh=None) -> dict:
   """Memory of one reward-model train step (pairs: chosen + rejected in one pass)."""
   model = model_lib.build(cfg, lora_rank, lora_targets=targets)
   variables = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0),
@@ -57,7 +66,7 @@ def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: 
            "input_mask": jax.ShapeDtypeStruct((batch_pairs, 2, seq_len), bool),
            "label": jax.ShapeDtypeStruct((batch_pairs,), jnp.float32)}
   step = train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1)
-  stats = _compiled_stats(step, state, frozen, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  stats = _compiled_stats(step, state, frozen, batch, mesh)
   stats.update(trainable_params=lora_lib.count_params(trainable),
                total_params=lora_lib.count_params(variables),
                weights_bytes=_bytes(variables), optimizer_bytes=_bytes(state["opt_state"]))
@@ -66,7 +75,7 @@ def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: 
 
 def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, prompt_len: int,
                    new_tokens: int, algorithm: str = "reinforce",
-                   targets=("attn/(q|k|v|o)$",)) -> dict:
+                   targets=("attn/(q|k|v|o)$",), mesh=None) -> dict:
   """Memory of one RL update (policy + value) plus the resident reward model and anchor.
 
   LoRA (PERL): one backbone shared by anchor, policy, value and reward model; adapters, heads and
@@ -94,14 +103,20 @@ def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, pr
   rcfg = ml_collections.ConfigDict(dict(algorithm=algorithm, kl_coef=0.05, kl_mode="reward",
                                         ppo_clip=0.2, value_clip=0.2, value_coef=0.5))
   step = train_lib.make_train_step(rl.rl_loss_fn(model, rcfg, prompt_len), optimizer, 1)
-  stats = _compiled_stats(step, state, frozen, batch,
-                          jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  stats = _compiled_stats(step, state, frozen, batch, mesh)
   # The reward model stays resident during the update: under LoRA only its adapter and head
   # (the backbone is the shared one already counted in `frozen`); under full RLHF a whole copy.
   rm_model = model_lib.build(cfg, lora_rank, lora_targets=targets)
   rm_vars = jax.eval_shape(lambda: model_lib.init_variables(rm_model, jax.random.key(0),
                                                             score_head=True))
   rm_resident = _bytes(rm_vars) if full else _bytes(rm_vars[lora_lib.ADAPTER])
+  if mesh is not None:  # per device: the resident reward model is sharded by the same rules
+    resident = rm_vars if full else rm_vars[lora_lib.ADAPTER]
+    rm_resident = sum(
+        leaf.size * jnp.dtype(leaf.dtype).itemsize // math.prod(
+            mesh.shape[a] for a in jax.tree_util.tree_leaves(tuple(sh.spec)) if a)
+        for leaf, sh in zip(jax.tree_util.tree_leaves(resident),
+                            jax.tree_util.tree_leaves(sharding_lib.tree_shardings(resident, mesh))))
   stats.update(reward_model_bytes=rm_resident, total_bytes=stats["peak_bytes"] + rm_resident,
                trainable_params=lora_lib.count_params(trainable),
                optimizer_bytes=_bytes(state["opt_state"]))

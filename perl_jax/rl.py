@@ -210,6 +210,10 @@ def validate(rcfg):
     raise ValueError(f"rl.kl_mode must be 'reward' or 'loss', got {rcfg.kl_mode!r}")
   if rcfg.algorithm == "rloo" and rcfg.samples_per_prompt < 2:
     raise ValueError("rl.algorithm='rloo' needs rl.samples_per_prompt >= 2")
+  episodes = rcfg.prompts_per_step * rcfg.samples_per_prompt
+  if rcfg.train.batch_size != episodes:
+    raise ValueError(f"rl.train.batch_size ({rcfg.train.batch_size}) must equal "
+                     f"rl.prompts_per_step * rl.samples_per_prompt ({episodes})")
   if not 0.0 <= rcfg.kl_coef < 1.0:
     raise ValueError(f"rl.kl_coef (beta) must be in [0, 1), got {rcfg.kl_coef}")
 
@@ -322,8 +326,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   initial_samples = initial.pop("samples", [])
   rollout_s, scoring_s = result["rollout_time_s"], result["scoring_time_s"]
   batch_tokens = rcfg.prompts_per_step * rcfg.samples_per_prompt * config.sampling.max_new_tokens
-  curve = [{k: h[k] for k in ("step", "reward", "kl", "eval_reward", "eval_kl",
-                              "eval_gold_reward") if k in h} for h in result["history"]]
+  start = {"step": 0, "eval_reward": initial["reward"], "eval_kl": initial["kl"]}
+  if "gold_reward" in initial:
+    start["eval_gold_reward"] = initial["gold_reward"]
+  curve = [start] + [{k: h[k] for k in ("step", "reward", "kl", "eval_reward", "eval_kl",
+                                        "eval_gold_reward") if k in h} for h in result["history"]]
   common.write_json(os.path.join(stage_dir, "curve.json"), curve)
   summary = {"reward_initial": initial["reward"], "reward_final": final["reward"],
              "kl_final": final["kl"], "win_rate_vs_anchor": final["win_rate_vs_anchor"],
