@@ -12,6 +12,7 @@ import numpy as np
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
+from perl_jax import sharding as sharding_lib
 from perl_jax import tokenizer as tokenizer_lib
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -39,28 +40,35 @@ def build_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
   return model_lib.build(cfg, rank, lc.alpha or None, tuple(lc.targets), lc.dropout, lc.dtype)
 
 
-def init_backbone(model: model_lib.Transformer, seed: int) -> dict:
-  return model_lib.init_variables(model, jax.random.key(seed))["params"]
+def place(tree: Any, mesh) -> Any:
+  """Puts a params / variables tree onto `mesh` by the parameter sharding rules."""
+  return jax.device_put(tree, sharding_lib.tree_shardings(tree, mesh))
 
 
-def load_backbone(sft_dir: str, model: model_lib.Transformer) -> dict:
-  """The backbone a finished SFT stage saved in `sft_dir/backbone`."""
+def init_backbone(model: model_lib.Transformer, seed: int, mesh) -> dict:
+  return place(model_lib.init_variables(model, jax.random.key(seed))["params"], mesh)
+
+
+def load_backbone(sft_dir: str, model: model_lib.Transformer, mesh) -> dict:
+  """The backbone a finished SFT stage saved in `sft_dir/backbone`, placed onto `mesh`."""
   abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))["params"]
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, sharding_lib.tree_shardings(abstract, mesh))
   return checkpoint_lib.load_tree(os.path.join(sft_dir, "backbone"), abstract)
 
 
 def backbone_for(config: ml_collections.ConfigDict, workdir: str,
-                 model: model_lib.Transformer) -> dict:
-  """The frozen backbone as config.model.backbone says (see config_base)."""
+                 model: model_lib.Transformer, mesh) -> dict:
+  """The frozen backbone as config.model.backbone says (see config_base), on `mesh`."""
   source = config.model.backbone
   if source == "random":
-    return init_backbone(model, config.seed)
+    return init_backbone(model, config.seed, mesh)
   sft_dir = os.path.join(source or workdir, "sft")
   if not os.path.isdir(os.path.join(sft_dir, "backbone")):
     raise FileNotFoundError(
         f"no SFT backbone in {sft_dir}: run the 'sft' stage first (add it to config.stages), "
         f"point config.model.backbone at a finished run's workdir, or use 'random'")
-  return load_backbone(sft_dir, model)
+  return load_backbone(sft_dir, model, mesh)
 
 
 def param_report(trainable: Any, frozen: Any) -> dict:

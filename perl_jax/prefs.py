@@ -66,7 +66,7 @@ def _write_jsonl(path, rows):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
-  del mesh, writer
+  del writer
   pcfg = config.prefs
   out_dir = os.path.join(workdir, "prefs")
   done_marker = os.path.join(out_dir, "stats.json")
@@ -76,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   tok = common.load_tokenizer(config)
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size), lora_rank=0)
-  backbone = common.backbone_for(config, workdir, model)
+  backbone = common.backbone_for(config, workdir, model, mesh)
   rng = jax.random.key(config.seed + 100)
   train_prompts = reviews.train_prompts(pcfg.num_train_prompts, seed=config.seed + 3)
   eval_prompts = reviews.eval_prompts(pcfg.num_eval_prompts)

@@ -77,7 +77,8 @@ def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: f
     scores.append(np.asarray(score_fn(trainable, sharding_lib.put_batch(batch, mesh)))
                   [:batch_size - short])
   scores = np.concatenate(scores)
-  loss, metrics = losses.preference_loss(jnp.asarray(scores), jnp.asarray(arrays["label"]), margin)
+  loss, metrics = losses.preference_loss(jnp.asarray(scores), jnp.asarray(arrays["label"]),
+                                         margin)
   metrics = {k: float(v) for k, v in metrics.items()}
   metrics["loss"] = float(loss)
   if scores.shape[1] == 1:  # pointwise labels are imbalanced: report balanced accuracy too
@@ -120,17 +121,17 @@ def reward_model(config, tok):
   return model
 
 
-def init_reward_variables(config, workdir, model):
-  """{"params": frozen backbone, "adapter": fresh LoRA (if any) + zero score head}."""
+def init_reward_variables(config, workdir, model, mesh):
+  """{"params": frozen backbone, "adapter": fresh LoRA (if any) + zero score head}, on `mesh`."""
   variables = model_lib.init_variables(model, jax.random.key(config.seed + 7), score_head=True)
-  return {"params": common.backbone_for(config, workdir, model),
-          lora_lib.ADAPTER: variables[lora_lib.ADAPTER]}
+  return {"params": common.backbone_for(config, workdir, model, mesh),
+          lora_lib.ADAPTER: common.place(variables[lora_lib.ADAPTER], mesh)}
 
 
-def load_reward_model(config, workdir, tok):
+def load_reward_model(config, workdir, tok, mesh):
   """(model, variables) of the best reward model the `reward` stage saved in `workdir`."""
   model = reward_model(config, tok)
-  variables = init_reward_variables(config, workdir, model)
+  variables = init_reward_variables(config, workdir, model, mesh)
   trainable, frozen = lora_lib.split_variables(variables, config.lora.rank == 0)
   trainable = checkpoint_lib.load_tree(os.path.join(workdir, "reward", "best"), trainable)
   return model, {**frozen, **trainable}
@@ -141,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   tok = common.load_tokenizer(config)
   model = reward_model(config, tok)
   train_prefs, eval_prefs, train_arrays, eval_arrays = load_data(config, workdir, tok)
-  variables = init_reward_variables(config, workdir, model)
+  variables = init_reward_variables(config, workdir, model, mesh)
   full_finetune = config.lora.rank == 0
   trainable, frozen = lora_lib.split_variables(variables, full_finetune)
   report = common.param_report(trainable, frozen)
@@ -154,10 +155,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   stage_dir = os.path.join(workdir, "reward")
   best_path, best_info_path = os.path.join(stage_dir, "best"), os.path.join(stage_dir, "best.json")
   best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {"accuracy": -1.0}
-  replicated = sharding_lib.replicated(mesh)
-  score_fn = jax.jit(lambda t, b: scores_of(model, {**frozen, **t}, b["tokens"],
-                                            b["input_mask"]),
-                     in_shardings=(replicated, sharding_lib.batch_sharding(mesh)))
+  frozen_scores = jax.jit(lambda t, f, b: scores_of(model, {**f, **t}, b["tokens"],
+                                                    b["input_mask"]))
+  score_fn = lambda t, b: frozen_scores(t, frozen, b)  # frozen is an argument, not a constant
 
   def eval_fn(trainable):
     metrics = evaluate(score_fn, trainable, eval_arrays, rcfg.eval_batch_size, mesh, rcfg.margin)

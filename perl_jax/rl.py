@@ -281,12 +281,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   tok = common.load_tokenizer(config)
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
   full_finetune = config.lora.rank == 0
-  rm_model, rm_variables = reward_lib.load_reward_model(config, workdir, tok)
+  rm_model, rm_variables = reward_lib.load_reward_model(config, workdir, tok, mesh)
   # Under LoRA the reward model's backbone *is* the policy's: the same arrays, not a copy.
   backbone = rm_variables["params"] if not full_finetune else common.backbone_for(
-      config, workdir, model)
+      config, workdir, model, mesh)
   with_value = rcfg.algorithm in ("reinforce", "ppo")
   trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value)
+  trainable = common.place(trainable, mesh)
   report = common.param_report(trainable, frozen)
   what = "full model copies" if full_finetune else "LoRA adapters"
   print(f"[rl] {rcfg.algorithm}: training {what} ({report['trainable_params']:,} params); "

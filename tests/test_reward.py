@@ -1,0 +1,70 @@
+"""Reward modelling end to end on a learnable preference set (jsonl fixtures in the published
+generic format): LoRA and full tuning both learn it, and the saved head comes back."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from perl_jax import config_base
+from perl_jax import main
+from perl_jax import reward as reward_lib
+from perl_jax import sharding as sharding_lib
+from perl_jax import common
+from perl_jax.tasks import reviews
+
+
+def _write_pairs(path, n, seed):
+  """Review pairs whose chosen side has the clearly higher gold sentiment."""
+  rows, examples = [], reviews.make_examples(4 * n, seed)
+  for a, b in zip(examples[::2], examples[1::2]):
+    ga, gb = reviews.gold_reward(a.response), reviews.gold_reward(b.response)
+    if abs(ga - gb) < 0.5:
+      continue
+    chosen, rejected = (a, b) if ga > gb else (b, a)
+    rows.append({"prompt": a.prompt, "chosen": chosen.response, "rejected": rejected.response})
+  with open(path, "w") as f:
+    for row in rows[:n]:
+      f.write(json.dumps(row) + "\n")
+    f.write('{"prompt": "Review of the latte:", "chosen": ""}\n')  # malformed: must be reported
+
+
+def _config(tmp_path, rank):
+  data_dir = tmp_path / "data"
+  data_dir.mkdir(exist_ok=True)
+  _write_pairs(data_dir / "train.jsonl", 512, seed=1)
+  _write_pairs(data_dir / "test.jsonl", 128, seed=2)
+  c = config_base.base_config()
+  c.stages = ("reward",)
+  c.model.backbone = "random"
+  c.lora.rank = rank
+  c.reward.data.manual_dir = str(data_dir)
+  c.reward.train.steps, c.reward.train.batch_size = 80, 16
+  c.reward.train.eval_every = c.reward.train.checkpoint_every = 40
+  c.reward.optim.lr = 3e-3 if rank else 1e-3
+  c.reward.optim.warmup_steps = 5
+  return c
+
+
+@pytest.mark.parametrize("rank", [8, 0], ids=["lora", "full"])
+def test_reward_model_learns_preferences(tmp_path, rank):
+  config = _config(tmp_path, rank)
+  summary = main.run(config, str(tmp_path / "run"))
+  result = summary["stages"]["reward"]
+  assert result["eval_accuracy"] > 0.75, result
+  assert result["rows_skipped"] == 2  # the malformed row of each file, reported not dropped
+  assert result["pairs_used"] == 512
+  for key in ("eval_loss", "trainable_params", "total_params", "steps", "step_time_s"):
+    assert key in summary, key
+  if rank:
+    assert result["trainable_percent"] < 5
+    # The head is trained and saved with the adapter, and loads back onto the backbone.
+    tok = common.load_tokenizer(config)
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    _, variables = reward_lib.load_reward_model(config, str(tmp_path / "run"), tok, mesh)
+    head = np.asarray(variables["adapter"]["score_head"]["kernel"])
+    assert np.abs(head).max() > 0
+    assert os.path.exists(tmp_path / "run" / "reward" / "best.json")
+  else:
+    assert result["trainable_percent"] == 100.0
