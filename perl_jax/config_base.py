@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_train=20_000,  # generated training reviews
       num_eval=512,  # generated held-out reviews
       num_samples=64,  # held-out prompts sampled after training
-      train=train(steps=300, batch_size=32),
+      train=train(steps=250, batch_size=32),
       optim=optim(lr=3e-3),
   ))
   c.prefs = ml_collections.ConfigDict(dict(
@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
       samples_per_prompt=4,  # completions per prompt (RLOO's k); episodes = product
       num_train_prompts=1024,  # pool of training prompts (items disjoint from held-out ones)
       num_eval_prompts=128,  # held-out prompts for evaluation
+      # An orbax-saved LoRA adapter tree of a LoRA SFT: the policy starts from it and the anchor
+      # is the backbone with it frozen. "" = the anchor is the bare backbone.
+      sft_adapter="",
       missing_eos_penalty=1.0,  # subtracted from the reward of completions without EOS
       whiten_rewards=False,  # standardise reward-model scores over each batch
       whiten_advantages=True,  # standardise advantages over each batch
@@ -122,11 +125,11 @@ def base_config() -> ml_collections.ConfigDict:
       value_clip=0.2,  # PPO value clip
       gamma=1.0,  # PPO discount
       gae_lambda=0.95,  # PPO GAE lambda
-      train=train(steps=60, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
+      train=train(steps=90, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
       optim=optim(lr=1e-3, warmup_steps=10),
   ))
-  c.rl.train.eval_every = 20
+  c.rl.train.eval_every = 30
   c.rl.train.log_every = 10
-  c.rl.train.checkpoint_every = 20
+  c.rl.train.checkpoint_every = 30
   c.rl.train.updates_per_batch = 1  # optimizer updates per rollout batch (PPO epochs)
   return c

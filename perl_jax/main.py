@@ -26,6 +26,9 @@ from perl_jax import train as train_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first: one process per host of a "
+    "multi-host TPU pod slice or GPU cluster (coordinator and ranks from the environment).")
 
 STAGES = {"sft": sft.run, "prefs": prefs.run, "reward": reward.run, "rl": rl.run, "report": report.run}
 
@@ -62,6 +65,8 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   run(_CONFIG.value, _WORKDIR.value)
   print(f"summary written to {os.path.join(_WORKDIR.value, 'summary.json')}", flush=True)
 

@@ -183,6 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                   "step_time_s": result["step_time_s"], "pairs_used": len(train_prefs.prompts),
                   "rows_skipped": train_prefs.rows_skipped + eval_prefs.rows_skipped,
                   "train_loss": result["final_metrics"].get("loss"), "data_kind": train_prefs.kind,
+                  "train_step_compilations": result["train_step_compilations"],
                   **report})
   print(f"[reward] eval accuracy {summary['eval_accuracy']:.3f} "
         f"(best {best['accuracy']:.3f}), eval loss {summary['eval_loss']:.4f}", flush=True)

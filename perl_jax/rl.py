@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import losses
@@ -44,23 +45,37 @@ ALGORITHMS = ("reinforce", "rloo", "ppo")
 
 
 def policy_variables(trainable, frozen):
-  return {**frozen, **trainable["policy"]}
+  return {"params": frozen["params"], **trainable["policy"]}
 
 
 def value_variables(trainable, frozen):
-  return {**frozen, **trainable["value"]}
+  return {"params": frozen["params"], **trainable["value"]}
 
 
 def anchor_variables(frozen):
+  """The backbone alone, or with the frozen SFT adapter when the policy started from one."""
+  if "anchor_adapter" in frozen:
+    return {"params": frozen["params"], lora_lib.ADAPTER: frozen["anchor_adapter"]}
   return {"params": frozen["params"]}
 
 
-def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool):
-  """(trainable, frozen): policy (+ value) adapters over one frozen backbone, or full copies."""
+def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool,
+               sft_adapter=None):
+  """(trainable, frozen): policy (+ value) adapters over one frozen backbone, or full copies.
+
+  With `sft_adapter` (a LoRA SFT result), the policy adapter starts as a copy of it and the
+  anchor is the backbone with that adapter frozen: the adapter is copied, never the backbone.
+  """
   policy_adapter = model_lib.init_variables(model, jax.random.key(seed + 11)).get(
       lora_lib.ADAPTER, {})
   value_adapter = model_lib.init_variables(model, jax.random.key(seed + 12),
                                            score_head=True)[lora_lib.ADAPTER]
+  frozen = {"params": backbone}
+  if sft_adapter is not None:
+    if full_finetune:
+      raise ValueError("an SFT adapter needs LoRA RL (lora.rank > 0); merge it for full RL")
+    policy_adapter = jax.tree.map(jnp.copy, sft_adapter)
+    frozen["anchor_adapter"] = sft_adapter
   if full_finetune:  # adapters hold only the value head here
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     trainable = {"policy": {"params": copy(backbone)}}
@@ -70,7 +85,7 @@ def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool
     value = {lora_lib.ADAPTER: value_adapter}
   if with_value:
     trainable["value"] = value
-  return trainable, {"params": backbone}
+  return trainable, frozen
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -286,8 +301,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   backbone = rm_variables["params"] if not full_finetune else common.backbone_for(
       config, workdir, model, mesh)
   with_value = rcfg.algorithm in ("reinforce", "ppo")
-  trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value)
-  trainable = common.place(trainable, mesh)
+  sft_adapter = None
+  if rcfg.sft_adapter:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
+    abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+    sft_adapter = checkpoint_lib.load_tree(rcfg.sft_adapter, abstract[lora_lib.ADAPTER])
+  trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value,
+                                 sft_adapter)
+  trainable, frozen = common.place(trainable, mesh), common.place(frozen, mesh)
   report = common.param_report(trainable, frozen)
   what = "full model copies" if full_finetune else "LoRA adapters"
   print(f"[rl] {rcfg.algorithm}: training {what} ({report['trainable_params']:,} params); "

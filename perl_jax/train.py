@@ -199,5 +199,6 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   # Skip the first (compiling) step in the timing when there are others.
   timed = step_times[1:] if len(step_times) > 1 else step_times
   return {"state": state, "final_metrics": final, "history": history,
+          "train_step_compilations": step_fn._cache_size(),  # 1: no re-jit after the first step
           "step_time_s": statistics.median(timed) if timed else float("nan"),
           "steps": int(state["step"]), "resumed_from": start}

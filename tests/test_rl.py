@@ -63,6 +63,24 @@ def test_policy_equals_anchor_at_start_and_kl_is_zero():
   assert all(p.endswith(("lora_a", "lora_b")) or "score_head" in p for p in leaves)
 
 
+def test_policy_started_from_an_sft_adapter_keeps_it_as_the_anchor():
+  config, model, _, _, prompts, sample_cfg = _setup("reinforce")
+  backbone = model_lib.init_variables(model, jax.random.key(0))["params"]
+  fresh = model_lib.init_variables(model, jax.random.key(4))[lora_lib.ADAPTER]
+  sft_adapter = jax.tree.map(lambda x: x + 0.05, fresh)  # a non-trivial SFT adapter
+  trainable, frozen = rl.init_roles(model, backbone, False, 0, True, sft_adapter=sft_adapter)
+  assert frozen["params"] is backbone  # the adapter is copied, never the backbone
+  rollout = sampling.sample(model, rl.policy_variables(trainable, frozen),
+                            jnp.asarray(prompts["tokens"]), jnp.asarray(prompts["mask"]),
+                            jax.random.key(0), sample_cfg)
+  scored = rl.make_scorer(model, _reward_fn, config.rl, 4, True, -1)(trainable, frozen, {},
+                                                                      rollout)
+  np.testing.assert_array_equal(np.asarray(scored["kl"]), 0.0)  # anchor = SFT adapter
+  bare, _ = rl.completion_logprobs(model, {"params": backbone}, rollout["tokens"],
+                                   rollout["input_mask"], 4)
+  assert float(jnp.abs(bare - scored["anchor_logprobs"]).max()) > 1e-3  # not the bare backbone
+
+
 def test_nothing_after_eos_counts():
   config, model, trainable, frozen, prompts, _ = _setup("reinforce")
   adapter = jax.tree.map(lambda x: x + 0.05, trainable)  # a policy that differs from the anchor

@@ -90,6 +90,7 @@ def test_training_reduces_loss_and_logs(tmp_path):
   result = _fit(tmp_path, batch_at, steps=60)
   losses = [h["loss"] for h in result["history"]]
   assert losses[-1] < 0.2 * losses[0], losses
+  assert result["train_step_compilations"] == 1
   assert os.path.exists(tmp_path / "metrics.jsonl")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
