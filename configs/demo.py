@@ -2,10 +2,22 @@ r"""The embedded default: the PERL pipeline on the café-review task, on a lapto
 
   python -m perl_jax.main --config=configs/demo.py --workdir=/tmp/perl_demo
 
-Add --config.lora.rank=0 to run the same pipeline with full fine-tuning.
+Add --config.lora.rank=0 to run the same pipeline with full fine-tuning. The sweep below (LoRA vs
+full fine-tuning, three seeds each) runs with
+  python -m launch.local --config=configs/demo.py --workdir=/tmp/perl_demo_sweep
 """
 from perl_jax import config_base
+
+# The columns of a sweep's results table (summary.json keys).
+METRICS = ("best_eval_accuracy", "reward_initial", "reward_final", "kl_final",
+           "anchor_gold_reward", "gold_reward", "gold_win_rate_vs_anchor", "wall_time_s")
 
 
 def get_config():
   return config_base.base_config()
+
+
+def sweep(add):
+  for seed in (0, 1, 2):
+    for rank in (8, 0):
+      add(**{"seed": seed, "lora.rank": rank})

@@ -4,6 +4,10 @@ r"""The paper's reward-model settings (PERL, Sidahmed et al. 2024, Sec. 4 / App.
       --config.reward.data.manual_dir=/data/hh-rlhf --config.model.backbone=SFT_WORKDIR \
       --config.tokenizer.path=tokenizer.model
 
+The sweep (LoRA ranks 1-16 at the paper's LoRA learning rates, and full tuning at 1e-5):
+  python -m launch.tpu_vm --config=configs/paper/reward.py:hh_harmless --tpu=NAME --zone=ZONE \
+      --workdir=gs://BUCKET/perl/hh_rm
+
 Datasets (the `:arg`): hh_harmless (Anthropic HH harmless-base), tldr (OpenAI summarize-from-feedback
 comparisons), shp (Stanford Human Preferences), taskmaster (Taskmaster Coffee reward examples,
 pointwise 0/1 labels trained with binary cross-entropy).
@@ -48,3 +52,13 @@ def get_config(arg: str = "hh_harmless"):
   c.reward.optim.lr = 1e-4
   c.reward.optim.warmup_steps = 100
   return c
+
+
+METRICS = ("eval_accuracy", "best_eval_accuracy", "eval_loss", "trainable_percent", "step_time_s")
+
+
+def sweep(add):
+  for rank in (1, 4, 8, 16):
+    for lr in (1e-4, 2e-4):
+      add(**{"lora.rank": rank, "lora.alpha": float(rank), "reward.optim.lr": lr})
+  add(**{"lora.rank": 0, "reward.optim.lr": 1e-5})
