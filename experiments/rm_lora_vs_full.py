@@ -4,7 +4,8 @@ r"""LoRA vs full fine-tuning of the reward model, same data, same steps.
   python experiments/rm_lora_vs_full.py --base=/tmp/perl_demo --out=/tmp/rm_lora_vs_full
 
 For each variant (LoRA ranks on attention, optionally attention+MLP, and full tuning) trains the
-`reward` stage on the base run's frozen SFT backbone and preference pairs, then reads the compiled
+`reward` stage on the base run's frozen SFT backbone and preference pairs, (full tuning at
+config.reward.optim.full_lr), then reads the compiled
 train step's memory (XLA memory_analysis, same batch). Writes results.csv, results.md and
 accuracy.png in --out.
 """
@@ -23,7 +24,6 @@ _OUT = flags.DEFINE_string("out", "/tmp/rm_lora_vs_full", "output folder")
 _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16"], "LoRA ranks")
 _MLP = flags.DEFINE_bool("with_mlp", False, "also run each rank with adapters on the MLP")
 _STEPS = flags.DEFINE_integer("steps", 120, "reward steps per variant")
-_FULL_LR = flags.DEFINE_float("full_lr", 3e-4, "learning rate of full fine-tuning")
 
 ATTENTION = ("attn/(q|k|v|o)$",)
 ATTENTION_MLP = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
@@ -50,8 +50,6 @@ def main(argv):
     config.reward.data.data_dir = os.path.join(_BASE.value, "tfds")
     config.reward.train.steps = _STEPS.value
     config.lora.rank, config.lora.targets = rank, targets
-    if rank == 0:
-      config.reward.optim.lr = _FULL_LR.value
     result = main_lib.run(config, os.path.join(_OUT.value, name))["stages"]["reward"]
     tok = common.load_tokenizer(config)
     cfg = common.model_cfg(config, tok.vocab_size)

@@ -42,7 +42,7 @@ def format_value(value: Any) -> str:
 
 
 def product(**axes) -> list[dict]:
-  """Every combination of the given value lists: product(**{"lora.rank": [4, 8], "seed": [0, 1]})."""
+  """Every combination of the value lists: product(**{"lora.rank": [4, 8], "seed": [0, 1]})."""
   names = list(axes)
   return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
 

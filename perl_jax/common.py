@@ -71,6 +71,16 @@ def backbone_for(config: ml_collections.ConfigDict, workdir: str,
   return load_backbone(sft_dir, model, mesh)
 
 
+def optim_for(optim_cfg: ml_collections.ConfigDict,
+              full_finetune: bool) -> ml_collections.ConfigDict:
+  """A stage's optimizer settings: full fine-tuning trains at optim.full_lr (when set)."""
+  if not full_finetune or not optim_cfg.full_lr:
+    return optim_cfg
+  resolved = optim_cfg.copy_and_resolve_references()
+  resolved.lr = optim_cfg.full_lr
+  return resolved
+
+
 def param_report(trainable: Any, frozen: Any) -> dict:
   trained = lora_lib.count_params(trainable)
   total = trained + lora_lib.count_params(frozen)

@@ -10,9 +10,10 @@ Stages (config.stages, run in order, each writing WORKDIR/<stage>):
 import ml_collections
 
 
-def optim(lr: float, warmup_steps: int = 20) -> ml_collections.ConfigDict:
+def optim(lr: float, warmup_steps: int = 20, full_lr: float = 0.0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lr=lr,  # peak learning rate
+      full_lr=full_lr,  # peak learning rate with lora.rank=0 (full fine-tuning); 0 = lr
       schedule="cosine",  # "cosine" (decays to final_lr_fraction * lr) or "constant"
       warmup_steps=warmup_steps,  # linear warm-up from 0
       final_lr_fraction=0.1,
@@ -101,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
       margin=0.0,  # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)
       eval_batch_size=64,
       train=train(steps=120, batch_size=32),
-      optim=optim(lr=1e-3),
+      optim=optim(lr=3e-3, full_lr=3e-4),
   ))
   c.reward.train.eval_every = 40
   c.reward.train.checkpoint_every = 40
@@ -126,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
       gamma=1.0,  # PPO discount
       gae_lambda=0.95,  # PPO GAE lambda
       train=train(steps=90, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
-      optim=optim(lr=1e-3, warmup_steps=10),
+      optim=optim(lr=1e-3, warmup_steps=10, full_lr=1e-4),
   ))
   c.rl.train.eval_every = 30
   c.rl.train.log_every = 10

@@ -168,7 +168,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
     return metrics
 
   result = train_lib.fit(
-      name="reward", workdir=stage_dir, train_cfg=rcfg.train, optim_cfg=rcfg.optim,
+      name="reward", workdir=stage_dir, train_cfg=rcfg.train,
+      optim_cfg=common.optim_for(rcfg.optim, full_finetune),
       seed=config.seed, mesh=mesh, loss_fn=reward_loss_fn(model, rcfg.margin),
       trainable=trainable, frozen=frozen,
       batch_at=lambda s: batching.batch_at(train_arrays, s, rcfg.train.batch_size, config.seed),

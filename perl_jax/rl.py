@@ -278,7 +278,8 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
     return batch
 
   result = train_lib.fit(
-      name=name, workdir=stage_dir, train_cfg=rcfg.train, optim_cfg=rcfg.optim, seed=config.seed,
+      name=name, workdir=stage_dir, train_cfg=rcfg.train,
+      optim_cfg=common.optim_for(rcfg.optim, config.lora.rank == 0), seed=config.seed,
       mesh=mesh, loss_fn=rl_loss_fn(model, rcfg, prompt_len), trainable=trainable, frozen=frozen,
       batch_at=rollout_batch, batch_uses_state=True, eval_fn=eval_fn,
       meta={"stage": name, "algorithm": rcfg.algorithm}, writer=writer)

@@ -118,3 +118,12 @@ def test_unknown_schedule_is_an_error():
   optim_cfg.schedule = "linear"
   with pytest.raises(ValueError, match="optim.schedule must be"):
     train_lib.make_optimizer(optim_cfg, 10)
+
+
+def test_full_finetuning_trains_at_its_own_learning_rate():
+  from perl_jax import common, config_base
+  optim_cfg = config_base.base_config().reward.optim
+  assert common.optim_for(optim_cfg, full_finetune=False) is optim_cfg
+  full = common.optim_for(optim_cfg, full_finetune=True)
+  assert full.lr == optim_cfg.full_lr < optim_cfg.lr
+  assert optim_cfg.lr == 3e-3  # the LoRA setting is left as it was

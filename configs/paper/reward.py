@@ -13,7 +13,8 @@ comparisons), shp (Stanford Human Preferences), taskmaster (Taskmaster Coffee re
 pointwise 0/1 labels trained with binary cross-entropy).
 
 The paper's settings: batch 128, 5,000 steps, best-validation checkpoint, learning rate 1e-4 to 2e-4
-for LoRA (ranks 1 to 16) and 1e-5 for full tuning (--config.lora.rank=0 --config.reward.optim.lr=1e-5).
+for LoRA (ranks 1 to 16) and 1e-5 for full tuning (--config.lora.rank=0 trains at
+config.reward.optim.full_lr).
 The paper tunes PaLM 2 S; this config uses the gemma-2b architecture, whose weights
 `config.model.backbone` must provide. Their published LoRA vs full accuracies (PaLM 2 S): harmless
 78.7 vs 76.6, SHP 82.2 vs 83.2, TL;DR 79.7 vs 78.7.
@@ -49,7 +50,7 @@ def get_config(arg: str = "hh_harmless"):
   c.reward.train.eval_every = 250
   c.reward.train.checkpoint_every = 250
   c.reward.train.log_every = 50
-  c.reward.optim.lr = 1e-4
+  c.reward.optim.lr, c.reward.optim.full_lr = 1e-4, 1e-5
   c.reward.optim.warmup_steps = 100
   return c
 
@@ -61,4 +62,4 @@ def sweep(add):
   for rank in (1, 4, 8, 16):
     for lr in (1e-4, 2e-4):
       add(**{"lora.rank": rank, "lora.alpha": float(rank), "reward.optim.lr": lr})
-  add(**{"lora.rank": 0, "reward.optim.lr": 1e-5})
+  add(**{"lora.rank": 0})  # at reward.optim.full_lr

@@ -18,6 +18,6 @@ def get_config():
   c.rl.temperature = 0.7
   c.rl.prompts_per_step, c.rl.samples_per_prompt = 32, 4
   c.rl.train.batch_size = 128  # episodes per batch
-  c.rl.optim.lr = 1e-4
+  c.rl.optim.lr, c.rl.optim.full_lr = 1e-4, 1e-5  # LoRA, full RL (lora.rank=0)
   c.rl.train.steps = 300
   return c
