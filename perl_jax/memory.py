@@ -34,11 +34,7 @@ def _compiled_stats(step, state, frozen, batch, mesh=None) -> dict:
     jitted = jax.jit(step, donate_argnums=(0,))
   else:
     jitted = train_lib.sharded_train_step(step, mesh, state, frozen)[0]
-  stats = jitted.lower(state, frozen, batch, rng).compile().memory_analysis()
-  return {"argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
-          "temp_bytes": stats.temp_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
-          "peak_bytes": stats.argument_size_in_bytes + stats.output_size_in_bytes
-          + stats.temp_size_in_bytes - stats.alias_size_in_bytes}
+  return train_lib.compiled_memory(jitted.lower(state, frozen, batch, rng).compile())
 
 
 def _optimizer():

@@ -185,6 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                   "rows_skipped": train_prefs.rows_skipped + eval_prefs.rows_skipped,
                   "train_loss": result["final_metrics"].get("loss"), "data_kind": train_prefs.kind,
                   "train_step_compilations": result["train_step_compilations"],
+                  "train_step_memory": result["step_memory"],
                   **report})
   print(f"[reward] eval accuracy {summary['eval_accuracy']:.3f} "
         f"(best {best['accuracy']:.3f}), eval loss {summary['eval_loss']:.4f}", flush=True)

@@ -361,6 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
              "step_time_split_s": {"rollout": rollout_s, "scoring": scoring_s,
                                    "update": result["step_time_s"]},
              "rollout_tokens_per_s": batch_tokens / rollout_s,
+             "train_step_memory": result["step_memory"],
              "samples_before": initial_samples, "samples_after": samples,
              **{f"final_{k}": v for k, v in final.items()},
              **{f"initial_{k}": v for k, v in initial.items()}, **report}

@@ -56,6 +56,8 @@ def test_reward_model_learns_preferences(tmp_path, rank):
   assert result["rows_skipped"] == 2  # the malformed row of each file, reported not dropped
   assert result["pairs_used"] == 512
   assert result["train_step_compilations"] == 1  # 80 steps, one compilation
+  step_memory = result["train_step_memory"]  # per device, from the compiled step
+  assert step_memory["peak_bytes"] > step_memory["temp_bytes"] > 0
   for key in ("eval_loss", "trainable_params", "total_params", "steps", "step_time_s"):
     assert key in summary, key
   if rank:
