@@ -1,6 +1,8 @@
 """What every stage sets up the same way: tokenizer, model, backbone and a summary file."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -20,16 +22,36 @@ TASK_TOKENIZERS = {"reviews": os.path.join(ASSETS, "reviews_sp256.model")}
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
+  """config.tokenizer.path, else the tokenizer of config.model.checkpoint, else the task's."""
+  if not config.tokenizer.path and config.model.checkpoint:
+    tokenizer = _describe_checkpoint(config.model.checkpoint)[1]
+    if tokenizer is None:
+      raise ValueError(f"checkpoint {config.model.checkpoint} ships no sentencepiece tokenizer: "
+                       f"set config.tokenizer.path")
+    return tokenizer
   path = config.tokenizer.path or TASK_TOKENIZERS.get(config.task)
   if not path:
     raise ValueError(f"config.tokenizer.path is empty and task {config.task!r} ships no tokenizer")
   return tokenizer_lib.Tokenizer(path)
 
 
+@functools.lru_cache(maxsize=4)
+def _describe_checkpoint(path: str):
+  from perl_jax import checkpoints  # imported here: only runs from released checkpoints need it
+  return checkpoints.describe(path)
+
+
 def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
-  return model_lib.model_config(config.model.preset, vocab_size=vocab_size,
-                                dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                remat=config.model.remat)
+  """The architecture: config.model.checkpoint's when set, else config.model.preset's."""
+  overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                   remat=config.model.remat)
+  if config.model.checkpoint:
+    cfg = _describe_checkpoint(config.model.checkpoint)[0]
+    if cfg.vocab_size < vocab_size:
+      raise ValueError(f"tokenizer has {vocab_size} pieces but checkpoint "
+                       f"{config.model.checkpoint} embeds only {cfg.vocab_size}")
+    return dataclasses.replace(cfg, **overrides)
+  return model_lib.model_config(config.model.preset, vocab_size=vocab_size, **overrides)
 
 
 def build_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
@@ -64,6 +86,9 @@ def backbone_for(config: ml_collections.ConfigDict, workdir: str,
   if source == "random":
     return init_backbone(model, config.seed, mesh)
   sft_dir = os.path.join(source or workdir, "sft")
+  if not source and config.model.checkpoint and not os.path.isdir(
+      os.path.join(sft_dir, "backbone")):
+    return load_released(config, mesh)
   if not os.path.isdir(os.path.join(sft_dir, "backbone")):
     raise FileNotFoundError(
         f"no SFT backbone in {sft_dir}: run the 'sft' stage first (add it to config.stages), "
@@ -79,6 +104,12 @@ def optim_for(optim_cfg: ml_collections.ConfigDict,
   resolved = optim_cfg.copy_and_resolve_references()
   resolved.lr = optim_cfg.full_lr
   return resolved
+
+
+def load_released(config: ml_collections.ConfigDict, mesh) -> dict:
+  """The params of config.model.checkpoint, streamed onto `mesh` as model.param_dtype."""
+  from perl_jax import checkpoints
+  return checkpoints.load_checkpoint(config.model.checkpoint, mesh, config.model.param_dtype)[1]
 
 
 def param_report(trainable: Any, frozen: Any) -> dict:

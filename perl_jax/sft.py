@@ -51,9 +51,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   eval_pairs = [(e.prompt, e.response) for e in reviews.make_examples(scfg.num_eval, seed=2)]
   train_arrays = batching.encode_sft(tok, train_pairs, config.data.max_len)
   eval_arrays = batching.encode_sft(tok, eval_pairs, config.data.max_len)
-  variables = model_lib.init_variables(model, jax.random.key(config.seed))
-  trainable, frozen = lora_lib.split_variables({"params": variables["params"]},
-                                               full_finetune=True)
+  if config.model.checkpoint:  # fine-tune a released model
+    initial = common.load_released(config, mesh)
+  else:  # the demo trains its tiny backbone from scratch
+    initial = model_lib.init_variables(model, jax.random.key(config.seed))["params"]
+  trainable, frozen = lora_lib.split_variables({"params": initial}, full_finetune=True)
   loss_fn = sft_loss(model)
   eval_loss = jax.jit(lambda t, b: loss_fn(t, frozen, b, jax.random.key(0))[0])
 

@@ -1,0 +1,56 @@
+"""--config.model.checkpoint: a released model's architecture, tokenizer and weights drive a run."""
+import json
+
+import jax
+import numpy as np
+
+from perl_jax import common
+from perl_jax import config_base
+from perl_jax import main
+from perl_jax import model as model_lib
+from perl_jax import sharding as sharding_lib
+from perl_jax import tokenizer as tokenizer_lib
+from perl_jax.checkpoints import hf
+from perl_jax.tasks import reviews
+
+
+def _released(tmp_path):
+  """A tiny Gemma 3 written as a transformers checkpoint, with the demo tokenizer."""
+  tok = tokenizer_lib.Tokenizer(common.TASK_TOKENIZERS["reviews"])
+  cfg = model_lib.model_config("tiny-gemma3", vocab_size=tok.vocab_size)
+  params = model_lib.init_variables(model_lib.build(cfg), jax.random.key(3))["params"]
+  directory = tmp_path / "released"
+  hf.save(str(directory), cfg, params, tokenizer=tok)
+  return str(directory), cfg, params
+
+
+def _pairs(path, n, seed):
+  examples = reviews.make_examples(2 * n, seed)
+  with open(path, "w") as f:
+    for a, b in zip(examples[::2], examples[1::2]):
+      f.write(json.dumps({"prompt": a.prompt, "chosen": a.response, "rejected": b.response}) + "\n")
+
+
+def test_a_run_starts_from_the_released_checkpoint(tmp_path):
+  directory, cfg, params = _released(tmp_path)
+  config = config_base.base_config()
+  config.model.checkpoint = directory
+  assert common.model_cfg(config, 256).num_layers == cfg.num_layers == 3
+  assert common.model_cfg(config, 256).qk_norm  # Gemma 3's switches, not the demo preset's
+  mesh = sharding_lib.make_mesh({"data": -1})
+  model = common.build_model(config, common.model_cfg(config, 256))
+  backbone = common.backbone_for(config, str(tmp_path / "run"), model, mesh)
+  np.testing.assert_array_equal(np.asarray(backbone["layer_2"]["attn"]["q"]["kernel"]),
+                                np.asarray(params["layer_2"]["attn"]["q"]["kernel"]))
+  # A reward stage on it: LoRA on the released weights, tokenizer from the checkpoint dir.
+  (tmp_path / "data").mkdir()
+  _pairs(tmp_path / "data" / "train.jsonl", 64, 1)
+  _pairs(tmp_path / "data" / "test.jsonl", 16, 2)
+  config.stages = ("reward",)
+  config.reward.data.manual_dir = str(tmp_path / "data")
+  config.reward.train.steps, config.reward.train.batch_size = 2, 8
+  summary = main.run(config, str(tmp_path / "run"))
+  reward = summary["stages"]["reward"]
+  assert reward["steps"] == 2
+  lora = model_lib.param_counts(model_lib.build(cfg, 8))["adapter"]
+  assert reward["trainable_params"] == lora + cfg.d_model + 1  # adapters + score head
