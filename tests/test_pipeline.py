@@ -1,48 +1,43 @@
-"""The demo pipeline, shortened: every stage runs, they connect, and RL moves the reward up."""
+"""The demo pipeline, shortened: the README's main command runs every stage, they connect, the
+reward model learns the gold preference, and RL moves the reward up."""
 import json
 import os
+import subprocess
+import sys
 
-import jax
-
-from perl_jax import config_base
-from perl_jax import main
-
-
-def _small_config():
-  c = config_base.base_config()
-  c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 2048, 64, 8
-  c.sft.train.steps, c.sft.train.batch_size, c.sft.train.eval_every = 120, 16, 0
-  c.sft.train.log_every = 40
-  c.prefs.num_train_prompts, c.prefs.num_eval_prompts = 512, 128
-  c.prefs.bt_scale = 0.1
-  c.reward.train.steps, c.reward.train.batch_size = 50, 32
-  c.reward.train.eval_every, c.reward.train.checkpoint_every = 25, 25
-  c.reward.optim.warmup_steps = 10
-  c.rl.prompts_per_step, c.rl.samples_per_prompt = 8, 2
-  c.rl.train.batch_size, c.rl.train.steps = 16, 20
-  c.rl.train.eval_every, c.rl.train.checkpoint_every, c.rl.train.log_every = 0, 20, 5
-  c.rl.optim.lr, c.rl.optim.warmup_steps = 3e-3, 2
-  c.rl.num_eval_prompts = 32
-  c.sampling.max_new_tokens = 32
-  return c
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORTENED = {  # configs/demo.py with smaller data and fewer steps
+    "sft.num_train": 2048, "sft.num_eval": 64, "sft.num_samples": 8,
+    "sft.train.steps": 200, "sft.train.batch_size": 16, "sft.train.eval_every": 0,
+    "sft.train.log_every": 50,
+    "prefs.num_train_prompts": 512, "prefs.num_eval_prompts": 128, "prefs.bt_scale": 0.1,
+    "reward.train.steps": 50, "reward.train.batch_size": 32, "reward.train.eval_every": 25,
+    "reward.train.checkpoint_every": 25, "reward.optim.warmup_steps": 10,
+    "rl.prompts_per_step": 8, "rl.samples_per_prompt": 2, "rl.train.batch_size": 16,
+    "rl.train.steps": 20, "rl.train.eval_every": 0, "rl.train.checkpoint_every": 20,
+    "rl.train.log_every": 5, "rl.optim.lr": 3e-3, "rl.optim.warmup_steps": 2,
+    "rl.num_eval_prompts": 32, "sampling.max_new_tokens": 32,
+}
 
 
 def test_shortened_demo_pipeline(tmp_path):
-  mesh_devices = jax.devices()
-  config = _small_config()
-  config.mesh.data = len(mesh_devices)  # all simulated devices: batches of 16 split 8 ways
-  summary = main.run(config, str(tmp_path))
-  stages = summary["stages"]
-  assert list(stages) == ["sft", "prefs", "reward", "rl", "report"]
-  assert stages["sft"]["samples_well_formed"] > 0.3  # the anchor already writes reviews
-  assert stages["prefs"]["train_pairs"] > 200
-  # Against the gold order, on held-out pairs; RL uses the best-validation reward model. (This
-  # shortened anchor writes near-tied pairs; test_reward.py holds reward models to 75%.)
-  assert stages["reward"]["best_eval_accuracy"] > 0.55
+  flags = [f"--config.{k}={v}" for k, v in SHORTENED.items()]
+  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device, as a user has
+  proc = subprocess.run([sys.executable, "-m", "perl_jax.main", "--config=configs/demo.py",
+                         f"--workdir={tmp_path}", *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for stage in ("sft", "prefs", "reward", "rl", "report"):
+    assert f"[{stage}] done in" in proc.stdout
+  assert "compiled train step, per device" in proc.stdout
+  stages = json.load(open(tmp_path / "summary.json"))["stages"]
+  assert stages["sft"]["samples_well_formed"] > 0.5  # the anchor already writes reviews
+  assert stages["prefs"]["train_pairs"] > 400
+  # Against the exact gold order on held-out pairs (chance is 0.5; the full demo reaches ~0.78).
+  assert stages["reward"]["best_eval_accuracy"] > 0.58
   assert 0 < stages["reward"]["trainable_percent"] < 10
   rl = stages["rl"]
-  assert rl["reward_final"] > rl["reward_initial"] + 0.05
-  assert 0 <= rl["kl_final"] < 30
-  saved = json.load(open(tmp_path / "summary.json"))
-  assert saved["stages"]["rl"]["reward_final"] == rl["reward_final"]
+  assert rl["reward_final"] > rl["reward_initial"] + 0.1  # RL raises the reward model's score
+  assert 0 <= rl["kl_final"] < 5
+  assert rl["step_time_split_s"]["rollout"] > 0
   assert os.path.exists(tmp_path / "rl_curves.png") and os.path.exists(tmp_path / "report.md")
