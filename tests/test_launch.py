@@ -18,15 +18,12 @@ SWEPT = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py")
 TINY_SWEEP = """
 from perl_jax import config_base
 
-METRICS = ("steps", "trainable_params")
+METRICS = ("report", "wall_time_s")
 
 
 def get_config():
   c = config_base.base_config()
-  c.stages = ("sft",)
-  c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 64, 16, 2
-  c.sft.train.steps, c.sft.train.batch_size, c.sft.train.log_every = 3, 8, 1
-  c.sampling.max_new_tokens = 4
+  c.stages = ("report",)  # the cheapest stage: trials here test the launcher, not training
   return c
 
 
@@ -60,13 +57,16 @@ def test_local_runner_runs_every_trial_and_tabulates(tmp_path):
   config.write_text(TINY_SWEEP)
   rows = local.run_sweep(str(config), str(tmp_path / "sweep"), parallel=2, log=lambda _: None)
   assert [r["status"] for r in rows] == ["ok", "ok"]
-  assert [r["steps"] for r in rows] == [2, 3]  # the overrides reached each run
-  for row in rows:
+  assert [r["trial"] for r in rows] == ["steps=2,seed=1", "steps=3,seed=1"]
+  for row, steps in zip(rows, (2, 3)):  # each run got its own overrides and workdir
     summary = json.load(open(tmp_path / "sweep" / row["trial"] / "summary.json"))
     assert summary["config"]["seed"] == 1
+    assert summary["config"]["sft"]["train"]["steps"] == steps
+    assert row["report"] == str(tmp_path / "sweep" / row["trial"] / "report.md")
+    assert row["wall_time_s"] > 0
   table = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
-  assert [t["steps"] for t in table] == ["2", "3"]
-  assert "| trial | status | steps | trainable_params |" in open(
+  assert [t["trial"] for t in table] == ["steps=2,seed=1", "steps=3,seed=1"]
+  assert "| trial | status | report | wall_time_s |" in open(
       tmp_path / "sweep" / "results.md").read()
 
 
