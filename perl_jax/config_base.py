@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
       gamma=1.0,  # PPO discount
       gae_lambda=0.95,  # PPO GAE lambda
       train=train(steps=90, batch_size=64),  # batch_size = prompts_per_step * samples_per_prompt
-      optim=optim(lr=5e-4, warmup_steps=10, full_lr=5e-5),
+      optim=optim(lr=7e-4, warmup_steps=10, full_lr=7e-5),
   ))
   c.rl.train.eval_every = 30
   c.rl.train.log_every = 10
