@@ -1,0 +1,133 @@
+r"""Decode throughput: perl_jax jitted KV-cache sampling vs transformers `generate`, same model.
+
+  pip install torch==2.13.0 transformers trl peft datasets   # peers; perl_jax never needs them
+  nice -n 19 python experiments/bench_decode.py --out=/tmp/bench_decode          # ~1 min on 2 CPUs
+  nice -n 19 python experiments/bench_decode.py --sample                         # + temperature 1
+
+Both sides run the tiny Gemma of bench_common (perl_jax "demo" preset; HF weights copied into
+perl_jax, logits checked to agree) on the same batch: 16 prompts of 16 tokens, 64 new tokens each,
+greedy. perl_jax: `sampling.sample` (one jitted prefill + a `lax.scan` of one-token steps over a
+fixed-size KV cache). transformers: `model.generate(do_sample=False, max_new_tokens=64,
+min_new_tokens=64)` with its default dynamic KV cache (min_new_tokens keeps every row at 64 tokens;
+perl_jax always runs all 64 steps). Repeats alternate between the two; the first --warmup of each
+(the jit compile) are excluded. transformers is timed at each --torch_threads setting (default 2,
+the cores XLA uses, and 1: on a CPU shared with other jobs torch's 2 OpenMP threads stall on each
+other, see bench_common.THREADS_NOTE). Tokens/s counts generated tokens (batch x new tokens).
+
+Writes decode.csv and decode.md in --out and prints the table.
+"""
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "/tmp/bench_decode", "output folder")
+_BATCH = flags.DEFINE_integer("batch", 16, "prompts per batch")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "prompt tokens")
+_NEW = flags.DEFINE_integer("new_tokens", 64, "generated tokens per prompt")
+_REPEATS = flags.DEFINE_integer("repeats", 6, "timed repeats per side")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "untimed repeats per side (jit compile, allocation)")
+_SAMPLE = flags.DEFINE_bool("sample", False, "also time temperature-1 sampling")
+_THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
+                             "torch intra-op thread counts to time the peer at (0 = every core)")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and prompts")
+
+
+def main(argv):
+  del argv
+  bc.require_peers("torch", "transformers")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from perl_jax import model as model_lib
+  from perl_jax import sampling
+
+  threads = bc.parse_threads(_THREADS.value)
+  bc.set_threads(threads[0])
+  batch, prompt_len, new = _BATCH.value, _PROMPT_LEN.value, _NEW.value
+  hf = bc.build_hf_causal_lm(_SEED.value)
+  cfg = bc.perl_config()
+  model = model_lib.build(cfg)
+  variables = bc.with_backbone(
+      jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0))),
+      bc.hf_to_perl_params(hf, cfg))
+  prompts = bc.random_tokens(np.random.default_rng(_SEED.value), (batch, prompt_len))
+  logit_diff = bc.max_logit_diff(hf, model, variables, prompts)
+  print(f"max |logits_hf - logits_perl_jax| = {logit_diff:.2e}", flush=True)
+  if logit_diff > 1e-3:
+    raise SystemExit(f"weight mapping broken: logits differ by {logit_diff}")
+
+  jax_tokens = jnp.asarray(prompts, jnp.int32)
+  jax_mask = jnp.ones(prompts.shape, bool)
+  pt_tokens = torch.as_tensor(prompts, dtype=torch.long)
+  pt_mask = torch.ones_like(pt_tokens)
+  generated = batch * new
+
+  modes = [("greedy", 0.0)] + ([("sample_t1", 1.0)] if _SAMPLE.value else [])
+  pairs, notes = [], [f"max |logits_hf - logits_perl_jax| = {logit_diff:.1e} (same weights)",
+                      f"batch {batch} x prompt {prompt_len} -> {new} new tokens; tokens/s counts "
+                      f"the {generated} generated tokens of a call"]
+  for mode, temperature in modes:
+    scfg = sampling.SamplingConfig(max_new_tokens=new, temperature=temperature, top_k=0,
+                                   top_p=1.0, eos_id=bc.EOS_ID, pad_id=bc.PAD_ID)
+    hf_kwargs = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=bc.PAD_ID,
+                     eos_token_id=bc.EOS_ID)
+    hf_kwargs.update(do_sample=False) if temperature == 0.0 else hf_kwargs.update(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+
+    def run_perl(i):
+      out = sampling.sample(model, variables, jax_tokens, jax_mask, jax.random.key(i), scfg)
+      return np.asarray(jax.block_until_ready(out)["completion"])
+
+    def run_hf(i):
+      torch.manual_seed(i)
+      with torch.no_grad():
+        out = hf.generate(input_ids=pt_tokens, attention_mask=pt_mask, **hf_kwargs)
+      return out[:, prompt_len:].numpy()
+
+    perl = bc.Series("perl_jax", f"decode {mode}", "tokens/s", higher_is_better=True)
+    peers = {n: bc.Series(f"transformers ({n} thr)", f"decode {mode}", "tokens/s",
+                          higher_is_better=True) for n in threads}
+    first = {}
+    for i in range(_WARMUP.value + _REPEATS.value):
+      t_perl, perl_out = bc.timed(lambda: run_perl(i))
+      t_hf = {}
+      for n in threads:
+        bc.set_threads(n)
+        t_hf[n], hf_out = bc.timed(lambda: run_hf(i))
+      if i < _WARMUP.value:
+        first.setdefault("perl_jax", t_perl)
+        for n in threads:
+          first.setdefault(f"transformers ({n} thr)", t_hf[n])
+        if i == 0 and mode == "greedy":
+          # Greedy outputs must agree up to perl_jax's first EOS (HF suppresses EOS via
+          # min_new_tokens; near-ties in a random model may still flip an argmax).
+          rows_equal = []
+          for p, h in zip(perl_out, hf_out):
+            stop = int(np.argmax(p == bc.EOS_ID)) if np.any(p == bc.EOS_ID) else len(p)
+            rows_equal.append(np.array_equal(p[:stop], h[:stop]))
+          notes.append(f"greedy outputs identical (up to EOS) in {sum(rows_equal)}/{batch} rows")
+        continue
+      perl.values.append(generated / t_perl)
+      for n in threads:
+        peers[n].values.append(generated / t_hf[n])
+    notes.append(f"{mode}: first call (incl. jit compile): " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in first.items()))
+    pairs += [(perl, peers[n]) for n in threads]
+    print(f"{mode}: perl_jax median {np.median(perl.values):,.0f} tok/s; " + "; ".join(
+        f"{p.side} {np.median(p.values):,.0f} tok/s" for p in peers.values()), flush=True)
+
+  notes.append("ratio = perl_jax tokens/s / transformers tokens/s of the same (interleaved) repeat")
+  notes.append(bc.THREADS_NOTE)
+  md = bc.write_results(_OUT.value, "decode", "Decode: perl_jax sampling.sample vs transformers "
+                        "generate", pairs, notes=notes, env=bc.environment())
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)

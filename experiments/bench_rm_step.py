@@ -1,0 +1,157 @@
+r"""LoRA reward-model train step: perl_jax vs TRL `RewardTrainer` + PEFT, same model and batch.
+
+  pip install torch==2.13.0 transformers trl peft datasets   # peers; perl_jax never needs them
+  nice -n 19 python experiments/bench_rm_step.py --out=/tmp/bench_rm_step       # ~1-2 min on 2 CPUs
+
+Both sides: the tiny Gemma of bench_common (HF weights copied into perl_jax; the sequence scores
+of the two are checked to agree) with LoRA rank 8 (alpha 8) on q/k/v/o plus a scalar score head,
+a batch of 16 preference pairs x 64 tokens (32 sequences, no padding), the Bradley-Terry loss,
+AdamW (lr 1e-4, b2 0.999, no decay, constant lr) after clipping to global norm 1, float32.
+
+perl_jax: `reward.reward_loss_fn` + `train.make_train_step` jitted by `train.sharded_train_step`
+(donated state), the step `train.fit` runs: host batch -> device -> step -> metrics to host.
+TRL: `RewardTrainer(model=GemmaForSequenceClassification, peft_config=LoraConfig(task_type=
+"SEQ_CLS"))` on a pre-tokenised dataset (`chosen_ids`/`rejected_ids`), `trainer.train()`; a
+callback times each trainer step (on_step_begin -> on_step_end: forward, backward, clip, AdamW)
+and then runs one perl_jax step, so the two alternate on the same cores. Gradient checkpointing
+and bf16 (TRL's defaults) are off on the TRL side, as on the perl_jax side. The first --warmup
+steps of each (jit compile) are excluded. TRL is timed at each --torch_threads setting (a fresh
+trainer per setting).
+
+Writes rm_step.csv and rm_step.md in --out and prints the table.
+"""
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "/tmp/bench_rm_step", "output folder")
+_PAIRS = flags.DEFINE_integer("pairs", 16, "preference pairs per step")
+_LEN = flags.DEFINE_integer("seq_len", 64, "tokens per sequence")
+_RANK = flags.DEFINE_integer("rank", 8, "LoRA rank (alpha = rank)")
+_LR = flags.DEFINE_float("lr", 1e-4, "AdamW learning rate")
+_REPEATS = flags.DEFINE_integer("repeats", 8, "timed steps per side")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per side (jit compile, allocation)")
+_THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
+                             "torch intra-op thread counts to time the peer at (0 = every core)")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and data")
+
+
+def main(argv):
+  del argv
+  bc.require_peers("torch", "transformers", "trl", "peft", "datasets")
+  import datasets
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import transformers
+  import trl
+
+  from perl_jax import lora as lora_lib
+  from perl_jax import model as model_lib
+  from perl_jax import reward as reward_lib
+  from perl_jax import sharding as sharding_lib
+  from perl_jax import train as train_lib
+
+  threads = bc.parse_threads(_THREADS.value)
+  pairs, length, steps = _PAIRS.value, _LEN.value, _WARMUP.value + _REPEATS.value
+  rng = np.random.default_rng(_SEED.value)
+  chosen = bc.random_tokens(rng, (pairs * steps, length))
+  rejected = bc.random_tokens(rng, (pairs * steps, length))
+
+  def hf_reward_model():
+    torch.manual_seed(_SEED.value)
+    hf = transformers.GemmaForSequenceClassification(bc.hf_config(num_labels=1))
+    bc.randomize_norms(hf, _SEED.value)
+    return hf.float()
+
+  # ------------------------------------------------------------------ perl_jax: model and step
+  hf = hf_reward_model().eval()
+  cfg = bc.perl_config()
+  model = model_lib.build(cfg, _RANK.value, lora_targets=("attn/(q|k|v|o)$",))
+  variables = model_lib.init_variables(model, jax.random.key(_SEED.value), score_head=True)
+  variables = bc.with_backbone(variables, bc.hf_to_perl_params(hf, cfg))
+  score_kernel = jnp.asarray(hf.score.weight.detach().numpy().T)  # (d, 1): the same head
+  variables[lora_lib.ADAPTER]["score_head"]["kernel"] = score_kernel
+
+  # Same function: the score of each sequence at its last token (LoRA B = 0 on both sides).
+  with torch.no_grad():
+    hf_scores = hf(input_ids=torch.as_tensor(chosen[:pairs])).logits[:, 0].numpy()
+  perl_scores = np.asarray(reward_lib.scores_of(model, variables, jnp.asarray(chosen[:pairs]),
+                                                jnp.ones((pairs, length), bool)))
+  score_diff = float(np.max(np.abs(hf_scores - perl_scores)))
+  print(f"max |score_hf - score_perl_jax| = {score_diff:.2e}", flush=True)
+  if score_diff > 1e-3:
+    raise SystemExit(f"weight mapping broken: scores differ by {score_diff}")
+  del hf
+
+  trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
+  perl_trainable_params = lora_lib.count_params(trainable)
+  optimizer = train_lib.make_optimizer(bc.perl_optim(_LR.value), steps)
+  mesh = sharding_lib.make_mesh()
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+           "opt_state": optimizer.init(trainable)}
+  step_fn, state_shardings, frozen_shardings = train_lib.sharded_train_step(
+      train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1),
+      mesh, state, frozen)
+  holder = {"state": jax.device_put(state, state_shardings)}
+  frozen = jax.device_put(frozen, frozen_shardings)
+  tokens = np.stack([chosen, rejected], axis=1).astype(np.int32)  # [N, 2, L]
+  labels = np.ones((len(tokens),), np.float32)
+  perl_losses = []
+
+  def perl_step(i):
+    rows = slice((i % steps) * pairs, (i % steps + 1) * pairs)
+    t0 = time.perf_counter()
+    batch = sharding_lib.put_batch({"tokens": tokens[rows], "input_mask": tokens[rows] > 0,
+                                    "label": labels[rows]}, mesh)
+    holder["state"], metrics = step_fn(holder["state"], frozen, batch, jax.random.key(i))
+    metrics = jax.device_get(metrics)
+    seconds = time.perf_counter() - t0
+    perl_losses.append(float(metrics["loss"]))
+    return seconds, {}
+
+  # ------------------------------------------------------------------ TRL, paired with perl_jax
+  dataset = datasets.Dataset.from_dict({"chosen_ids": chosen.tolist(),
+                                        "rejected_ids": rejected.tolist()})
+  pair_list, notes = [], []
+  for n in threads:
+    bc.set_threads(n)
+    perl = bc.Series(f"perl_jax (run with torch {n} thr)", "reward step", "s/step")
+    peer = bc.Series(f"TRL RewardTrainer+PEFT ({n} thr)", "reward step", "s/step")
+    with tempfile.TemporaryDirectory() as tmp:
+      args = bc.trainer_args(trl.RewardConfig, tmp, per_device_train_batch_size=pairs,
+                             max_steps=steps, learning_rate=_LR.value, max_length=None,
+                             seed=_SEED.value)
+      trainer = trl.RewardTrainer(
+          model=hf_reward_model(), args=args, train_dataset=dataset,
+          processing_class=bc.id_tokenizer(), peft_config=bc.lora_config("SEQ_CLS", _RANK.value),
+          callbacks=[bc.paired_callback(peer, perl, perl_step, _WARMUP.value)])
+      trl_trainable_params = bc.count_trainable_torch(trainer.model)
+      out = trainer.train()
+    pair_list.append((perl, peer))
+    print(f"torch {n} thr: perl_jax median {np.median(perl.values) * 1e3:.1f} ms/step, TRL "
+          f"{np.median(peer.values) * 1e3:.1f} ms/step (TRL mean train loss "
+          f"{out.training_loss:.4f})", flush=True)
+
+  notes += [
+      f"max |score_hf - score_perl_jax| = {score_diff:.1e} (same weights and score head)",
+      f"batch {pairs} pairs x {length} tokens = {2 * pairs} sequences; LoRA rank {_RANK.value} on "
+      f"q/k/v/o; trainable params: perl_jax {perl_trainable_params:,} (LoRA + head kernel and "
+      f"bias), TRL/PEFT {trl_trainable_params:,} (LoRA + score head copy)",
+      f"perl_jax loss over its steps: {perl_losses[0]:.4f} -> {perl_losses[-1]:.4f}",
+      "ratio = TRL s/step / perl_jax s/step of the same (interleaved) step",
+      bc.THREADS_NOTE]
+  md = bc.write_results(_OUT.value, "rm_step", "LoRA reward-model step: perl_jax vs TRL "
+                        "RewardTrainer + PEFT", pair_list, notes=notes, env=bc.environment())
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)
