@@ -12,22 +12,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 def test_hf_weights_give_matching_logits():
-  pytest.importorskip("torch")
+  torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
   import jax
 
   import bench_common as bc
   from perl_jax import model as model_lib
 
-  hf = bc.build_hf_causal_lm(seed=3)  # norms randomised: the (1 + w) mapping is exercised
+  tokens = bc.random_tokens(np.random.default_rng(0), (2, 12))
+  mask = np.ones(tokens.shape, bool)
+  # One torch thread: on a busy shared CPU, torch's OpenMP threads can stall each other
+  # (see bench_common.THREADS_NOTE); this check needs no parallelism.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    hf = bc.build_hf_causal_lm(seed=3)  # norms randomised: the (1 + w) mapping is exercised
+    hf_logits = bc.hf_logits(hf, tokens)
+  finally:
+    torch.set_num_threads(threads)
   cfg = bc.perl_config()
   model = model_lib.build(cfg)
   variables = bc.with_backbone(
       jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0))),
       bc.hf_to_perl_params(hf, cfg))
-  tokens = bc.random_tokens(np.random.default_rng(0), (2, 12))
-  mask = np.ones(tokens.shape, bool)
-  hf_logits = bc.hf_logits(hf, tokens)
   diff = lambda v: np.max(np.abs(hf_logits - bc.perl_logits(model, v, tokens, mask)))
   assert diff(variables) < 1e-4
   # A wrong mapping is caught: reversing the head order of one o kernel changes the logits.
