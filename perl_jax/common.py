@@ -15,10 +15,10 @@ from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import sharding as sharding_lib
+from perl_jax import tasks
 from perl_jax import tokenizer as tokenizer_lib
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-TASK_TOKENIZERS = {"reviews": os.path.join(ASSETS, "reviews_sp256.model")}
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
@@ -29,9 +29,10 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer
       raise ValueError(f"checkpoint {config.model.checkpoint} ships no sentencepiece tokenizer: "
                        f"set config.tokenizer.path")
     return tokenizer
-  path = config.tokenizer.path or TASK_TOKENIZERS.get(config.task)
-  if not path:
-    raise ValueError(f"config.tokenizer.path is empty and task {config.task!r} ships no tokenizer")
+  if not config.tokenizer.path and config.task not in tasks.TASKS:
+    raise ValueError(f"config.tokenizer.path is empty and config.task {config.task!r} ships no "
+                     f"tokenizer (tasks that do: {tasks.TASKS})")
+  path = config.tokenizer.path or os.path.join(ASSETS, tasks.get(config.task).TOKENIZER)
   return tokenizer_lib.Tokenizer(path)
 
 

@@ -6,6 +6,9 @@ Stages (config.stages, run in order, each writing WORKDIR/<stage>):
           (Bradley-Terry noise on train, exact gold on test), written as jsonl for the
           `jsonl_preferences` TFDS builder.
   reward  trains the reward model (LoRA adapter + scalar head, or every weight with lora.rank=0).
+  rl      PERL: the LoRA policy (and value) adapters against the frozen reward model.
+  report  report.md and RL curves from the stages' results.
+The task (config.task, see perl_jax/tasks) supplies SFT pairs, RL prompts and a held-out judge.
 """
 import ml_collections
 
@@ -37,7 +40,7 @@ def train(steps: int, batch_size: int) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "reviews"  # the demo task (perl_jax/tasks/reviews.py)
+  c.task = "reviews"  # a perl_jax/tasks module: "reviews" (the demo) or "taskmaster"
   c.stages = ("sft", "prefs", "reward", "rl", "report")  # run in order; each writes to WORKDIR/<stage>
   c.seed = 0
 
@@ -67,8 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",  # adapter dtype (independent of the backbone's)
   ))
   c.data = ml_collections.ConfigDict(dict(
-      max_len=64,  # tokens per training sequence (prompt + response)
-      prompt_len=16,  # left-padded prompt length for sampling
+      # Tokens per training sequence (prompt + response). Longer ones keep the response's end
+      # (up to half of max_len) and lose the middle of the prompt (batching.truncate_prompt).
+      max_len=64,
+      prompt_len=16,  # left-padded prompt length for sampling (longer prompts lose their middle)
+      manual_dir="",  # the task's published files, for tasks that read them (taskmaster)
   ))
   c.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=48,  # completion length
@@ -79,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = remaining devices
 
   c.sft = ml_collections.ConfigDict(dict(
-      num_train=20_000,  # generated training reviews
-      num_eval=512,  # generated held-out reviews
+      num_train=20_000,  # training examples: reviews generates this many; others cap (0 = all)
+      num_eval=512,  # held-out examples for the perplexity
       num_samples=64,  # held-out prompts sampled after training
       train=train(steps=250, batch_size=32),
       optim=optim(lr=3e-3),
@@ -119,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=0.7,  # sampling temperature of rollouts and evaluation samples
       prompts_per_step=16,  # prompts per RL step
       samples_per_prompt=4,  # completions per prompt (RLOO's k); episodes = product
-      num_train_prompts=1024,  # pool of training prompts (items disjoint from held-out ones)
+      num_train_prompts=1024,  # pool of training prompts, disjoint from held-out ones (0 = all)
       num_eval_prompts=128,  # held-out prompts for evaluation
       # An orbax-saved LoRA adapter tree of a LoRA SFT: the policy starts from it and the anchor
       # is the backbone with it frozen. "" = the anchor is the bare backbone.

@@ -21,9 +21,9 @@ from perl_jax.tasks import reviews
 
 
 def _pairs(model, backbone, tok, prompts, config, rng):
-  first = sft.sample_reviews(model, {"params": backbone}, tok, prompts,
+  first = sft.sample_responses(model, {"params": backbone}, tok, prompts,
                              _with_temperature(config), jax.random.fold_in(rng, 0))
-  second = sft.sample_reviews(model, {"params": backbone}, tok, prompts,
+  second = sft.sample_responses(model, {"params": backbone}, tok, prompts,
                               _with_temperature(config), jax.random.fold_in(rng, 1))
   return [(p, a, b) for (p, a), (_, b) in zip(first, second)]
 
@@ -67,6 +67,10 @@ def _write_jsonl(path, rows):
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   del writer
+  if config.task != "reviews":
+    raise ValueError(f"the prefs stage labels pairs with the reviews task's gold judge; task "
+                     f"{config.task!r} has none: take 'prefs' out of config.stages and point "
+                     f"config.reward.data at published preference data")
   pcfg = config.prefs
   out_dir = os.path.join(workdir, "prefs")
   done_marker = os.path.join(out_dir, "stats.json")

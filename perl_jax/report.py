@@ -17,13 +17,19 @@ def _rows(stages: dict) -> list[tuple[str, str]]:
   if sft:
     rows += [("SFT held-out perplexity", f"{sft['eval_perplexity']:.3f}"),
              ("SFT samples well-formed", f"{100 * sft['samples_well_formed']:.0f}%")]
+    rows += [(f"SFT samples: {k[len('samples_'):]}", f"{v:.3f}") for k, v in sft.items()
+             if k.startswith("samples_") and k != "samples_well_formed"
+             and isinstance(v, float)]
   if prefs:
     rows += [("preference pairs (train / held-out)",
               f"{prefs['train_pairs']} / {prefs['eval_pairs']}"),
              ("train labels agreeing with gold", f"{100 * prefs['train_labels_agreeing_with_gold']:.0f}%")]
   if reward:
-    rows += [("RM held-out accuracy vs gold", f"{100 * reward['eval_accuracy']:.1f}%"),
+    rows += [("RM held-out accuracy", f"{100 * reward['eval_accuracy']:.1f}%"),
              ("RM best held-out accuracy", f"{100 * reward['best_eval_accuracy']:.1f}%"),
+             *([("RM held-out balanced accuracy",
+                 f"{100 * reward['eval_balanced_accuracy']:.1f}%")]
+               if "eval_balanced_accuracy" in reward else []),
              ("RM trainable params", f"{reward['trainable_params']:,} of {reward['total_params']:,}"
               f" ({reward['trainable_percent']:.2f}%)")]
   if rl:
@@ -31,10 +37,12 @@ def _rows(stages: dict) -> list[tuple[str, str]]:
              ("RM reward, policy before -> after", f"{rl['reward_initial']:.3f} -> {rl['reward_final']:.3f}"),
              ("KL(policy || anchor), held-out", f"{rl['kl_final']:.3f}"),
              ("RM win rate of policy vs anchor", f"{100 * rl['win_rate_vs_anchor']:.1f}%")]
-    if "gold_reward" in rl:
-      rows += [("gold reward, anchor -> policy",
-                f"{rl['anchor_gold_reward']:.3f} -> {rl['gold_reward']:.3f}"),
-               ("gold win rate of policy vs anchor", f"{100 * rl['gold_win_rate_vs_anchor']:.1f}%")]
+    rows += [(f"{k.replace('_', ' ')} (task judge), anchor -> policy",
+              f"{rl[f'anchor_{k}']:.3f} -> {rl[k]:.3f}") for k in rl
+             if f"anchor_{k}" in rl and isinstance(rl[k], float)]
+    if "gold_win_rate_vs_anchor" in rl:
+      rows.append(("gold win rate of policy vs anchor",
+                   f"{100 * rl['gold_win_rate_vs_anchor']:.1f}%"))
     split = rl["step_time_split_s"]
     rows.append(("RL step time (rollout / scoring / update)",
                  f"{split['rollout']:.2f} / {split['scoring']:.2f} / {split['update']:.2f} s"))

@@ -34,9 +34,9 @@ from perl_jax import model as model_lib
 from perl_jax import reward as reward_lib
 from perl_jax import sampling
 from perl_jax import sft
+from perl_jax import tasks
 from perl_jax import train as train_lib
 from perl_jax.data import batching
-from perl_jax.tasks import reviews
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 
@@ -319,7 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                                        config.sampling.top_k, config.sampling.top_p, tok.eos_id,
                                        tok.pad_id)
   reward_fn = reward_model_fn(rm_model)
-  evaluate = make_evaluator(config, model, reward_fn, rm_variables, frozen, tok, sample_cfg)
+  evaluate = make_evaluator(config, workdir, model, reward_fn, rm_variables, frozen, tok,
+                            sample_cfg)
 
   def eval_fn(trainable):
     metrics = evaluate(trainable)
@@ -333,10 +334,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   else:
     initial = evaluate(trainable)
     common.write_json(initial_path, initial)
-  print(f"[rl] before training: reward {initial['reward']:.3f}, gold reward "
-        f"{initial.get('gold_reward', float('nan')):.3f}", flush=True)
+  judged_keys = [k for k in initial if f"anchor_{k}" in initial]  # the task judge's metrics
+  print(f"[rl] before training: reward {initial['reward']:.3f}" +
+        "".join(f", {k} {initial[k]:.3f}" for k in judged_keys), flush=True)
 
-  prompts = reviews.train_prompts(rcfg.num_train_prompts, seed=config.seed + 5)
+  prompts = tasks.get(config.task).rl_prompts(config, workdir)
   prompt_tokens, prompt_mask = sft.encode_prompts(tok, prompts, config.data.prompt_len)
   result = train_policy(name="rl", stage_dir=stage_dir, config=config, mesh=mesh, writer=writer,
                         model=model, trainable=trainable, frozen=frozen, reward_fn=reward_fn,
@@ -349,10 +351,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   rollout_s, scoring_s = result["rollout_time_s"], result["scoring_time_s"]
   batch_tokens = rcfg.prompts_per_step * rcfg.samples_per_prompt * config.sampling.max_new_tokens
   start = {"step": 0, "eval_reward": initial["reward"], "eval_kl": initial["kl"]}
-  if "gold_reward" in initial:
-    start["eval_gold_reward"] = initial["gold_reward"]
-  curve = [start] + [{k: h[k] for k in ("step", "reward", "kl", "eval_reward", "eval_kl",
-                                        "eval_gold_reward") if k in h} for h in result["history"]]
+  start.update({f"eval_{k}": initial[k] for k in judged_keys})
+  curve_keys = ("step", "reward", "kl", "eval_reward", "eval_kl",
+                *(f"eval_{k}" for k in judged_keys))
+  curve = [start] + [{k: h[k] for k in curve_keys if k in h} for h in result["history"]]
   common.write_json(os.path.join(stage_dir, "curve.json"), curve)
   summary = {"reward_initial": initial["reward"], "reward_final": final["reward"],
              "kl_final": final["kl"], "win_rate_vs_anchor": final["win_rate_vs_anchor"],
@@ -365,51 +367,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
              "samples_before": initial_samples, "samples_after": samples,
              **{f"final_{k}": v for k, v in final.items()},
              **{f"initial_{k}": v for k, v in initial.items()}, **report}
-  for key in ("gold_reward", "gold_win_rate_vs_anchor", "anchor_gold_reward"):
+  for key in judged_keys + ["gold_win_rate_vs_anchor"]:
     if key in final:
       summary[key] = final[key]
+      if f"anchor_{key}" in final:
+        summary[f"anchor_{key}"] = final[f"anchor_{key}"]
   print(f"[rl] reward {summary['reward_initial']:.3f} -> {summary['reward_final']:.3f}, "
         f"KL {summary['kl_final']:.3f}, RM win rate vs anchor "
-        f"{summary['win_rate_vs_anchor']:.2f}" + (
-            f", gold reward {final['anchor_gold_reward']:.3f} (anchor) -> "
-            f"{final['gold_reward']:.3f}, gold win rate {final['gold_win_rate_vs_anchor']:.2f}"
-            if "gold_reward" in final else ""), flush=True)
+        f"{summary['win_rate_vs_anchor']:.2f}" +
+        "".join(f", {k} {final[f'anchor_{k}']:.3f} (anchor) -> {final[k]:.3f}"
+                for k in judged_keys) +
+        (f", gold win rate {final['gold_win_rate_vs_anchor']:.2f}"
+         if "gold_win_rate_vs_anchor" in final else ""), flush=True)
   return summary
 
 
-def make_evaluator(config, model, reward_fn, reward_variables, frozen, tok, sample_cfg):
-  """Held-out evaluation: policy vs anchor samples on prompts RL never trains on."""
+def make_evaluator(config, workdir, model, reward_fn, reward_variables, frozen, tok, sample_cfg):
+  """Held-out evaluation: policy vs anchor samples on prompts RL never trains on, scored by the
+  reward model and by the task's judge (e.g. the reviews task's gold reward)."""
   rcfg = config.rl
-  prompts = reviews.eval_prompts(rcfg.num_eval_prompts)
+  prompts, judge = tasks.get(config.task).eval_set(config, workdir)
   tokens, mask = (jnp.asarray(a) for a in sft.encode_prompts(tok, prompts, config.data.prompt_len))
   rng = jax.random.key(config.seed + 31)
   scorer = make_scorer(model, reward_fn, rcfg, config.data.prompt_len, False, tok.eos_id)
-  has_gold = config.task == "reviews"
   anchor_cache = {}
 
   def rollout_and_score(trainable, variables):
     rollout = sampling.sample(model, variables, tokens, mask, rng, sample_cfg)
     scored = jax.device_get(scorer(trainable, frozen, reward_variables, rollout))
     texts = [tok.decode(c) for c in jax.device_get(rollout["completion"])]
-    return scored, texts
+    return scored, texts, judge(texts)
 
   def evaluate(trainable):
     if "anchor" not in anchor_cache:
       anchor_cache["anchor"] = rollout_and_score(trainable, anchor_variables(frozen))
-    anchor_scored, anchor_texts = anchor_cache["anchor"]
-    scored, texts = rollout_and_score(trainable, policy_variables(trainable, frozen))
+    anchor_scored, _, anchor_judged = anchor_cache["anchor"]
+    scored, texts, judged = rollout_and_score(trainable, policy_variables(trainable, frozen))
     win = lambda a, b: float(np.mean((a > b) + 0.5 * (a == b)))
     metrics = {"reward": float(np.mean(scored["rm_scores"])),
                "anchor_reward": float(np.mean(anchor_scored["rm_scores"])),
                "kl": float(np.mean(scored["kl"])), "entropy": float(np.mean(scored["entropy"])),
                "response_length": float(np.mean(scored["length"])),
                "win_rate_vs_anchor": win(scored["rm_scores"], anchor_scored["rm_scores"])}
-    if has_gold:
-      gold = np.asarray([reviews.gold_reward(t) for t in texts])
-      anchor_gold = np.asarray([reviews.gold_reward(t) for t in anchor_texts])
-      metrics.update(gold_reward=float(gold.mean()), anchor_gold_reward=float(anchor_gold.mean()),
-                     gold_win_rate_vs_anchor=win(gold, anchor_gold))
-    metrics["samples"] = [f"{p} {t}" for p, t in zip(prompts[:3], texts[:3])]
+    for key, values in judged.items():
+      metrics[key] = float(np.nanmean(values))
+      metrics[f"anchor_{key}"] = float(np.nanmean(anchor_judged[key]))
+    if "gold_reward" in judged:
+      metrics["gold_win_rate_vs_anchor"] = win(judged["gold_reward"],
+                                               anchor_judged["gold_reward"])
+    metrics["samples"] = [f"{p[-120:]} {t}" for p, t in zip(prompts[:3], texts[:3])]
     return metrics
 
   return evaluate

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: next-token loss on responses given prompts.
 
-For the demo this trains the tiny backbone from scratch on the task corpus (full training), giving
-the SFT "anchor" that the reward and RL stages adapt with LoRA.
+For the demo this trains the tiny backbone from scratch on the task's corpus (full training),
+giving the SFT "anchor" that the reward and RL stages adapt with LoRA; with model.checkpoint it
+fine-tunes a released model.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
+from perl_jax import tasks
 from perl_jax import train as train_lib
 from perl_jax.data import batching
-from perl_jax.tasks import reviews
 
 
 def sft_loss(model: model_lib.Transformer):
@@ -45,10 +46,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   cfg = common.model_cfg(config, tok.vocab_size)
   # SFT of the demo backbone trains every weight; no adapters.
   model = common.build_model(config, cfg, lora_rank=0)
-  if config.task != "reviews":
-    raise ValueError(f"the sft stage knows task 'reviews' only, got {config.task!r}")
-  train_pairs = [(e.prompt, e.response) for e in reviews.make_examples(scfg.num_train, seed=1)]
-  eval_pairs = [(e.prompt, e.response) for e in reviews.make_examples(scfg.num_eval, seed=2)]
+  task = tasks.get(config.task)
+  train_pairs, eval_pairs = task.sft_pairs(config, workdir)
+  print(f"[sft] task {config.task}: {len(train_pairs)} train / {len(eval_pairs)} held-out "
+        f"examples", flush=True)
   train_arrays = batching.encode_sft(tok, train_pairs, config.data.max_len)
   eval_arrays = batching.encode_sft(tok, eval_pairs, config.data.max_len)
   if config.model.checkpoint:  # fine-tune a released model
@@ -75,28 +76,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
       eval_fn=eval_fn, meta={"stage": "sft", "model": config.model.to_dict()}, writer=writer)
   params = result["state"]["trainable"]["params"]
   checkpoint_lib.save_tree(os.path.join(workdir, "sft", "backbone"), params)
-  samples = sample_reviews(model, {"params": params}, tok, reviews.eval_prompts(scfg.num_samples),
-                           config, jax.random.key(config.seed + 1))
-  well_formed = float(np.mean([reviews.is_well_formed(s) for _, s in samples]))
+  sample_prompts, judge = task.eval_set(config, workdir, scfg.num_samples)
+  samples = sample_responses(model, {"params": params}, tok, sample_prompts, config,
+                             jax.random.key(config.seed + 1))
+  texts = [text for _, text in samples]
+  well_formed = float(np.mean([task.is_well_formed(text) for text in texts]))
+  judged = {f"samples_{k}": float(np.nanmean(v)) for k, v in judge(texts).items()}
   eval_metrics = eval_fn(result["state"]["trainable"])
   print(f"[sft] held-out perplexity {eval_metrics['perplexity']:.3f}; "
-        f"{100 * well_formed:.0f}% of samples are well-formed reviews", flush=True)
+        f"{100 * well_formed:.0f}% of samples are well-formed; " +
+        ", ".join(f"{k} {v:.3f}" for k, v in judged.items()), flush=True)
   for prompt, text in samples[:3]:
-    print(f"[sft] sample: {prompt} {text}", flush=True)
+    print(f"[sft] sample: {prompt[-200:]} {text}", flush=True)
   return {"eval_nll": eval_metrics["nll"], "eval_perplexity": eval_metrics["perplexity"],
-          "samples_well_formed": well_formed, "train_loss": result["final_metrics"].get("loss"),
+          "samples_well_formed": well_formed, **judged, "train_loss": result["final_metrics"].get("loss"),
           "steps": result["steps"], "step_time_s": result["step_time_s"],
-          "samples": [f"{p} {s}" for p, s in samples[:5]],
+          "samples": [f"{p[-200:]} {s}" for p, s in samples[:5]],
           **common.param_report(result["state"]["trainable"], frozen)}
 
 
 def encode_prompts(tok, prompts, length: int):
-  """Left-padded BOS + prompt ids."""
-  return batching.pad_rows([[tok.bos_id] + tok.encode(p) for p in prompts], length, tok.pad_id,
-                           left=True)
+  """Left-padded BOS + prompt ids; longer prompts lose their middle (batching.truncate_prompt)."""
+  return batching.pad_rows([batching.truncate_prompt([tok.bos_id] + tok.encode(p), length)
+                            for p in prompts], length, tok.pad_id, left=True)
 
 
-def sample_reviews(model, variables, tok, prompts, config, rng):
+def sample_responses(model, variables, tok, prompts, config, rng):
   """(prompt, completion text) pairs sampled with the config's sampling settings."""
   tokens, mask = encode_prompts(tok, prompts, config.data.prompt_len)
   scfg = sampling.SamplingConfig(config.sampling.max_new_tokens, config.sampling.temperature,

@@ -12,7 +12,8 @@ import pytest
 from perl_jax.data import preferences
 from perl_jax.data.preferences import load_preferences
 
-TASKMASTER_REWARD_DIR = "/work/shared/data/taskmaster-coffee/reward"
+TASKMASTER_REWARD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     "..", "shared", "data", "taskmaster-coffee", "reward")
 
 
 def write_lines(path, rows, gz=False):

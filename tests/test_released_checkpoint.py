@@ -1,5 +1,6 @@
 """--config.model.checkpoint: a released model's architecture, tokenizer and weights drive a run."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ from perl_jax.tasks import reviews
 
 def _released(tmp_path):
   """A tiny Gemma 3 written as a transformers checkpoint, with the demo tokenizer."""
-  tok = tokenizer_lib.Tokenizer(common.TASK_TOKENIZERS["reviews"])
+  tok = tokenizer_lib.Tokenizer(os.path.join(common.ASSETS, "reviews_sp256.model"))
   cfg = model_lib.model_config("tiny-gemma3", vocab_size=tok.vocab_size)
   params = model_lib.init_variables(model_lib.build(cfg), jax.random.key(3))["params"]
   directory = tmp_path / "released"

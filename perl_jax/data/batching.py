@@ -28,17 +28,25 @@ def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: bool
   return tokens, mask
 
 
+def truncate_prompt(prompt: list[int], budget: int) -> list[int]:
+  """Fits a prompt into `budget` tokens by cutting its middle: the first quarter of the budget
+  comes from its start (BOS, the task or the request that opened a dialog), the rest from its
+  end (the turns the response answers)."""
+  if len(prompt) <= budget:
+    return prompt
+  head = budget // 4
+  return prompt[:head] + prompt[len(prompt) - (budget - head):]
+
+
 def truncate_pair(prompt: list[int], response: list[int], max_len: int) -> tuple[list, list]:
-  """Fits prompt + response into max_len, keeping the start of the prompt and the end of the
-  response (the end is where a response's quality shows and where the reward is read)."""
+  """Fits prompt + response into max_len. The response keeps up to max_len // 2 tokens from its
+  end (where a response's quality shows and where the reward is read) and the prompt the rest,
+  cut in the middle (see truncate_prompt)."""
   if len(prompt) + len(response) <= max_len:
     return prompt, response
-  keep_prompt = min(len(prompt), max_len // 2)
-  keep_response = max_len - keep_prompt
-  if len(response) < keep_response:
-    keep_prompt = max_len - len(response)
-    keep_response = len(response)
-  return prompt[:keep_prompt], response[len(response) - keep_response:]
+  keep_response = min(len(response), max(max_len - len(prompt), max_len // 2))
+  return (truncate_prompt(prompt, max_len - keep_response),
+          response[len(response) - keep_response:])
 
 
 def encode_sft(tok: Tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -> dict:

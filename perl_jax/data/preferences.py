@@ -8,9 +8,10 @@ files that `as_data_source()` reads back. Neither step needs TensorFlow or Apach
 
 Every builder writes one schema, so the code downstream never branches on the source:
   prompt           the shared context (HH: up to and including the last shared "\n\nAssistant:")
-  chosen           pairwise: the preferred response; pointwise: the response
-  rejected         pairwise: the other response; pointwise: ""
-  label            float32: 1.0 for pairwise rows, the 0/1 label for pointwise rows
+  chosen           pairwise: the preferred response; pointwise and demonstrations: the response
+  rejected         pairwise: the other response; otherwise ""
+  label            float32: 1.0 for pairwise rows and demonstrations, the 0/1 label for pointwise
+                   rows
   source           "file:line" of the row (path relative to the manual dir; for a JSON array the
                    line where the row's object starts)
   conversation_id  the published id of the post or dialog the row comes from, "" when none
@@ -18,8 +19,8 @@ Responses are stripped of surrounding whitespace; prompts are kept as published.
 
 A malformed row (bad JSON, undecodable text, missing or non-string field, empty response, identical
 chosen and rejected, label not 0/1) is never written and never silently dropped: it is listed as
-"file:line: reason" under the split that holds it. The list, the dataset kind ("pairwise" or
-"pointwise"), the manual dir and the files read are saved by TFDS with the prepared data, in
+"file:line: reason" under the split that holds it. The list, the dataset kind ("pairwise",
+"pointwise" or "demonstrations": SFT examples, e.g. taskmaster_dialogs), the manual dir and the files read are saved by TFDS with the prepared data, in
 `<data_dir>/<name>/[<config>/]1.0.0/metadata.json` (the builder's `info.metadata`), so loading an
 already prepared dataset reports them again. A split with no usable rows stops the preparation.
 """
@@ -37,15 +38,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-PREFERENCE_DATASETS = ("anthropic_hh", "tldr_comparisons", "shp", "taskmaster", "jsonl_preferences")
-PAIRWISE, POINTWISE = "pairwise", "pointwise"
+PREFERENCE_DATASETS = ("anthropic_hh", "tldr_comparisons", "shp", "taskmaster",
+                       "taskmaster_dialogs", "jsonl_preferences")
+PAIRWISE, POINTWISE, DEMONSTRATIONS = "pairwise", "pointwise", "demonstrations"
 _VERSION = "1.0.0"
 _TEXT_FIELDS = ("prompt", "chosen", "rejected", "source", "conversation_id")
 
 
 @dataclasses.dataclass
 class Preferences:
-  kind: str                 # "pairwise" or "pointwise"
+  kind: str                 # "pairwise", "pointwise" or "demonstrations"
   prompts: list[str]
   chosen: list[str]         # for pointwise: the response
   rejected: list[str]       # for pointwise: ""
@@ -257,14 +259,20 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         try:
           if error:
             raise MalformedRow(error)
-          example = self._parse(value)
-          example["source"] = source
-          _check_example(example, self.info.metadata["kind"])
+          parsed = self._parse(value)
+          examples = parsed if isinstance(parsed, list) else [parsed]
+          for example in examples:
+            example["source"] = source
+            _check_example(example, self.info.metadata["kind"])
         except MalformedRow as e:
           skipped.append(f"{source}: {e}")
           continue
-        usable += 1
-        yield source, example
+        usable += len(examples)
+        if isinstance(parsed, list):  # one row, several examples (a dialog's agent turns)
+          for index, example in enumerate(examples):
+            yield f"{source}#{index}", example
+        else:
+          yield source, parsed
     self.info.metadata["skipped"][split] = skipped
     if skipped:
       logging.warning("%s/%s: skipped %d malformed rows, e.g. %s", self.name, split, len(skipped),
@@ -274,8 +282,9 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
           f"{self.name}: split {split!r} has no usable rows in {names} under {manual_dir} "
           f"({len(skipped)} malformed rows, first: {skipped[:3]})")
 
-  def _parse(self, row: Any) -> dict:
-    """One JSON value as an example dict (without source), or MalformedRow saying why not."""
+  def _parse(self, row: Any) -> dict | list[dict]:
+    """One JSON value as an example dict (without source), or a list of them, or MalformedRow
+    saying why not (a row's examples are kept or skipped together)."""
     raise NotImplementedError
 
 
@@ -487,9 +496,15 @@ def taskmaster_dialog_key(row: Any, source: str) -> str:
   return "source:" + source
 
 
+def taskmaster_bucket(key: str) -> int:
+  """0-99 from a sha256 of a dialog key: the reward rows and the dialogs share one split."""
+  digest = hashlib.sha256(key.encode("utf-8", "replace")).digest()
+  return int.from_bytes(digest[:8], "big") % 100
+
+
 def taskmaster_split(row: Any, source: str) -> str:
-  digest = hashlib.sha256(taskmaster_dialog_key(row, source).encode("utf-8", "replace")).digest()
-  return "test" if int.from_bytes(digest[:8], "big") % 100 < TASKMASTER_TEST_PERCENT else "train"
+  bucket = taskmaster_bucket(taskmaster_dialog_key(row, source))
+  return "test" if bucket < TASKMASTER_TEST_PERCENT else "train"
 
 
 class Taskmaster(_PreferenceBuilder, skip_registration=True):
@@ -532,8 +547,110 @@ class Taskmaster(_PreferenceBuilder, skip_registration=True):
     if not isinstance(generation, dict) or generation.get("role") != "agent":
       raise MalformedRow("generation is not an agent turn")
     label = _binary_label(_field(row, "reward", (int, float)), "reward")
-    prompt = "\n".join([render_taskmaster_turn(turn) for turn in turns] + ["Agent:"])
-    return _pointwise(prompt, render_taskmaster_content(generation), label, conversation_id)
+    return _pointwise(taskmaster_prompt(turns), render_taskmaster_content(generation), label,
+                      conversation_id)
+
+
+# The Taskmaster-4 Coffee dialogs: demonstrations (context, next agent turn) for SFT and RL prompts.
+TASKMASTER_RL_PERCENT = 20  # dialog buckets [10, 30): RL training prompts; [30, 100): SFT
+
+
+def taskmaster_dialog_turns(dialog: Any) -> list[dict]:
+  """A published dialog as turns in the reward examples' format.
+
+  Each utterance becomes a user or agent text turn; the API calls annotated on it follow it, in
+  order: {"role": "agent", "api": {name: request}} then {"role": "api", "response": {name:
+  response}}, as the reward examples' contexts write them.
+  """
+  utterances = _field(dialog, "utterances", list)
+  turns = []
+  for position, utterance in enumerate(utterances):
+    role = {"user": "user", "assistant": "agent"}.get(
+        utterance.get("speaker") if isinstance(utterance, dict) else None)
+    if role is None:
+      raise MalformedRow(f"utterance {position}: speaker is not 'user' or 'assistant'")
+    turns.append({"role": role, "text": _field(utterance, "text")})
+    groups: dict[str, dict] = {}  # annotation context ("api_call_0") -> its parts, in order
+    for annotation in utterance.get("annotations") or []:
+      name, value, context = (_field(annotation, key) for key in ("name", "value", "context"))
+      groups.setdefault(context, {})[name] = value
+    for context, parts in groups.items():
+      kind, payload = (("api_call", "request") if "api_call" in parts
+                       else ("api_response", "response"))
+      if kind == "api_call":
+        parts.setdefault("request", "{}")  # published calls without arguments (show_menu)
+      if kind not in parts or payload not in parts:
+        raise MalformedRow(f"utterance {position}: annotation {context!r} lacks {kind!r} or "
+                           f"{payload!r}")
+      try:
+        value = json.loads(parts[payload])
+      except json.JSONDecodeError as e:
+        raise MalformedRow(f"utterance {position}: {payload} of {context!r} is not JSON: {e.msg}")
+      turns.append({"role": "agent", "api": {parts[kind]: value}} if kind == "api_call"
+                   else {"role": "api", "response": {parts[kind]: value}})
+  if not any(turn["role"] == "user" for turn in turns):
+    raise MalformedRow("a dialog without a user turn")
+  return turns
+
+
+def taskmaster_prompt(turns: list[dict]) -> str:
+  """The context the next agent turn answers, as the reward examples render it."""
+  return "\n".join([render_taskmaster_turn(turn) for turn in turns] + ["Agent:"])
+
+
+def taskmaster_dialog_split(turns: list[dict]) -> str:
+  first_user = next(turn["text"] for turn in turns if turn["role"] == "user")
+  bucket = taskmaster_bucket("user:" + first_user)
+  if bucket < TASKMASTER_TEST_PERCENT:
+    return "test"
+  return "rl" if bucket < TASKMASTER_TEST_PERCENT + TASKMASTER_RL_PERCENT else "train"
+
+
+class TaskmasterDialogs(_PreferenceBuilder, skip_registration=True):
+  """Taskmaster-4 (TM-4-2024) Coffee dialogs released with PERL, as demonstrations: one example
+  per agent turn (a reply or an API call), prompt = the dialog so far, chosen = that turn."""
+
+  name = "taskmaster_dialogs"
+  KIND = DEMONSTRATIONS
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Copy TM-4-2024/data/data_*.json of github.com/google-research-datasets/Taskmaster (CC BY 4.0)
+  and pass that folder, or the folder above it holding data/, as the manual dir. Each file is a
+  JSON array of dialogs {conversation_id, utterances: [{speaker, text, annotations: [{name,
+  value, context}]}]}. Splits, by a sha256 of the first user turn (the key the reward examples'
+  split uses, so a test dialog is test in both): test 10%, rl 20% (RL training prompts), train
+  70% (SFT).
+  """
+
+  def _split_generators(self, dl_manager):
+    manual_dir = self._manual_dir(dl_manager)
+    folder = "data" if os.path.isdir(os.path.join(manual_dir, "data")) else ""
+    names = sorted(os.path.join(folder, f) if folder else f
+                   for f in os.listdir(os.path.join(manual_dir, folder))
+                   if f.startswith("data_") and f.endswith(".json"))
+    if not names:
+      raise FileNotFoundError(
+          f"{self.name}: expected data_*.json in manual dir {manual_dir} or in its data/ "
+          "folder.\n" + self._instructions())
+
+    def keep(split):
+      def keep_row(source, row):
+        try:  # unreadable dialogs are reported with the train split
+          return taskmaster_dialog_split(taskmaster_dialog_turns(row)) == split
+        except (MalformedRow, StopIteration):
+          return split == "train"
+      return keep_row
+
+    return {split: self._generate_examples(split, manual_dir, names, reader=_read_json_rows,
+                                           keep=keep(split))
+            for split in ("train", "rl", "test")}
+
+  def _parse(self, row):
+    conversation_id = _field(row, "conversation_id")
+    turns = taskmaster_dialog_turns(row)
+    return [dict(prompt=taskmaster_prompt(turns[:i]),
+                 chosen=render_taskmaster_content(turn).strip(), rejected="", label=1.0,
+                 conversation_id=conversation_id)
+            for i, turn in enumerate(turns) if turn["role"] == "agent" and i > 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +708,7 @@ class JsonlPreferences(_PreferenceBuilder, skip_registration=True):
 # ---------------------------------------------------------------------------------------------
 
 BUILDERS = {cls.name: cls for cls in (AnthropicHh, TldrComparisons, Shp, Taskmaster,
-                                      JsonlPreferences)}
+                                      TaskmasterDialogs, JsonlPreferences)}
 assert tuple(BUILDERS) == PREFERENCE_DATASETS
 
 

@@ -137,3 +137,27 @@ def gold_reward(response: str) -> float:
   if clauses > 5:
     return -1.0
   return score / max(clauses, 1)
+
+
+# ----------------------------------------------------------------------------- the task interface
+# (see perl_jax/tasks/__init__.py)
+
+TOKENIZER = "reviews_sp256.model"
+
+
+def sft_pairs(config, workdir):
+  del workdir
+  pairs = lambda n, seed: [(e.prompt, e.response) for e in make_examples(n, seed)]
+  return pairs(config.sft.num_train, 1), pairs(config.sft.num_eval, 2)
+
+
+def rl_prompts(config, workdir):
+  del workdir
+  return train_prompts(config.rl.num_train_prompts, seed=config.seed + 5)
+
+
+def eval_set(config, workdir, n: int | None = None):
+  del workdir
+  import numpy as np
+  judge = lambda texts: {"gold_reward": np.asarray([gold_reward(t) for t in texts], np.float32)}
+  return eval_prompts(config.rl.num_eval_prompts if n is None else n), judge
