@@ -24,11 +24,15 @@ from launch import sweep as sweep_lib
 FLAGS = flags.FLAGS
 
 
-def run_sweep(spec: str, workdir: str, parallel: int = 1, log=print) -> list[dict]:
-  """Runs every trial (at most `parallel` at once); returns one result row per trial."""
+def run_sweep(spec: str, workdir: str, parallel: int = 1, log=print,
+              common: dict | None = None) -> list[dict]:
+  """Runs every trial (at most `parallel` at once); returns one result row per trial.
+
+  `common`: overrides every trial gets ({path: value}, e.g. from --set).
+  """
   if parallel < 1:
     raise ValueError(f"--parallel must be >= 1, got {parallel}")
-  trials = sweep_lib.trials(spec)
+  trials = sweep_lib.trials(spec, common)
   os.makedirs(workdir, exist_ok=True)
   pending, running, rows = list(trials), {}, {}
   log(f"[sweep] {len(trials)} trial(s) of {spec} in {workdir}, {parallel} at a time")
@@ -92,15 +96,18 @@ def define_flags():
                     required=True)
   flags.DEFINE_integer("parallel", 1, "trials run at the same time")
   flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
+  flags.DEFINE_multi_string("set", [], "PATH=VALUE given to every trial as --config.PATH=VALUE, "
+                            "e.g. --set=data.manual_dir=/data/TM-4-2024")
 
 
 def main(argv):
   del argv
   if FLAGS.dry_run:
-    for trial in sweep_lib.trials(FLAGS.config):
+    for trial in sweep_lib.trials(FLAGS.config, sweep_lib.parse_settings(FLAGS.set)):
       print(shlex.join(sweep_lib.main_command(FLAGS.config, trial, FLAGS.workdir)))
     return
-  rows = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.parallel)
+  rows = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.parallel,
+                   common=sweep_lib.parse_settings(FLAGS.set))
   print(open(os.path.join(FLAGS.workdir, "results.md")).read())
   if any(r["status"] != "ok" for r in rows):
     sys.exit(1)

@@ -67,8 +67,23 @@ def _trial_name(overrides: dict) -> str:
   return re.sub(r"[^A-Za-z0-9_.=,-]", "", ",".join(parts))
 
 
-def trials(spec: str) -> list[Trial]:
-  """The trials of config file `spec`, each checked against the config it overrides."""
+def parse_settings(settings: list[str]) -> dict:
+  """["data.manual_dir=/data/tm", ...] (a launcher's --set) as {path: value text}."""
+  out = {}
+  for setting in settings:
+    path, sep, value = setting.partition("=")
+    if not sep or not path:
+      raise ValueError(f"--set wants PATH=VALUE (a config path, e.g. data.manual_dir=/data), "
+                       f"got {setting!r}")
+    out[path] = value
+  return out
+
+
+def trials(spec: str, common: dict | None = None) -> list[Trial]:
+  """The trials of config file `spec`, each checked against the config it overrides.
+
+  `common` overrides (e.g. where the data is) go to every trial but not into its name.
+  """
   module, arg = load_config_file(spec)
   config = module.get_config(arg) if arg else module.get_config()
   collected: list[dict] = []
@@ -82,7 +97,10 @@ def trials(spec: str) -> list[Trial]:
   for i, overrides in enumerate(collected):
     for path, value in overrides.items():
       _check_override(config, path, value, f"{spec}: trial {i} ({overrides})")
-    out.append(Trial(_trial_name(overrides), tuple(overrides.items())))
+    for path, value in (common or {}).items():
+      _check_override(config, path, value, f"{spec}: --set {path}={value}")
+    out.append(Trial(_trial_name(overrides), tuple(overrides.items())
+                     + tuple((common or {}).items())))
   names = [t.name for t in out]
   if len(set(names)) != len(names):
     raise ValueError(f"{spec}: sweep adds the same trial twice: {names}")

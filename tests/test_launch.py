@@ -47,6 +47,18 @@ def test_a_sweep_naming_an_unknown_field_is_a_clear_error(tmp_path):
     sweep_lib.trials(str(path))
 
 
+def test_settings_reach_every_trial_but_not_its_name(tmp_path):
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY_SWEEP)
+  trials = sweep_lib.trials(str(path), sweep_lib.parse_settings(["data.manual_dir=/data/tm"]))
+  assert [t.name for t in trials] == ["steps=2,seed=1", "steps=3,seed=1"]
+  assert all("--config.data.manual_dir=/data/tm" in t.flags() for t in trials)
+  with pytest.raises(ValueError, match="no config field 'data.manual_dri'"):
+    sweep_lib.trials(str(path), {"data.manual_dri": "/data/tm"})
+  with pytest.raises(ValueError, match="PATH=VALUE"):
+    sweep_lib.parse_settings(["data.manual_dir"])
+
+
 def test_product_is_every_combination():
   grid = sweep_lib.product(**{"lora.rank": [4, 8], "seed": [0, 1, 2]})
   assert len(grid) == 6 and {"lora.rank": 8, "seed": 2} in grid

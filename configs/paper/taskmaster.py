@@ -46,3 +46,13 @@ def get_config():
 
 METRICS = ("eval_perplexity", "eval_balanced_accuracy", "best_eval_accuracy", "act_match",
            "call_exact_match", "kl_final")
+
+
+def sweep(add):
+  """LoRA ranks vs full tuning for the reward and RL stages on one SFT run:
+  python -m launch.local --config=configs/paper/taskmaster.py --workdir=DIR \\
+      --set=data.manual_dir=TM-4-2024 --set=model.backbone=SFT_WORKDIR \\
+      --set="stages=('reward', 'rl', 'report')"
+  """
+  for rank in (1, 8, 32, 0):
+    add(**{"lora.rank": rank, "lora.alpha": float(max(rank, 1)) * 2})
