@@ -42,3 +42,17 @@ def test_hf_weights_give_matching_logits():
   broken = {**variables["params"], "layer_0": {**variables["params"]["layer_0"], "attn": {
       **attn, "o": {"kernel": attn["o"]["kernel"][::-1]}}}}
   assert diff({"params": broken}) > 1e-3
+
+
+def test_mfu_bench_counts_flops_of_the_real_step():
+  import bench_mfu
+  lora = bench_mfu.measure("tiny", 4, pairs=2, seq_len=16, dtype="float32", remat=False,
+                           repeats=1, warmup=1)
+  full = bench_mfu.measure("tiny", 0, pairs=2, seq_len=16, dtype="float32", remat=False,
+                           repeats=1, warmup=1)
+  assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+  # Full tuning also computes the backbone's weight gradients: more FLOPs per step.
+  assert 0 < lora["tflops_per_step"] < full["tflops_per_step"]
+  assert lora["median_step_s"] > 0 and full["step_peak_gib"] > 0
+  assert bench_mfu.device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert bench_mfu.device_peak_tflops("cpu") == 0.0
