@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
           max_eval_rows=2048,  # evaluate on at most this many held-out rows
       )),
       margin=0.0,  # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)
+      # Pointwise 0/1 data: weight the BCE so each label carries half of the loss (for
+      # imbalanced labels, e.g. Taskmaster's 86% ones).
+      balance_classes=False,
       eval_batch_size=64,
       train=train(steps=120, batch_size=32),
       optim=optim(lr=3e-3, full_lr=3e-4),

@@ -15,11 +15,12 @@ _MAX_LOG_RATIO = 20.0  # exp(20) is finite in bf16 and f32; larger log-ratios ar
 # ----------------------------------------------------------------------------- reward models
 
 
-def preference_loss(scores, labels, margin: float = 0.0):
+def preference_loss(scores, labels, margin: float = 0.0, weights=None):
   """Loss and metrics from scores [B, 2] (pairwise: chosen, rejected) or [B, 1] (pointwise).
 
   Pairwise: Bradley-Terry, -log sigmoid(r_chosen - r_rejected - margin).
-  Pointwise: binary cross-entropy with the score as the logit of a 0/1 label.
+  Pointwise: binary cross-entropy with the score as the logit of a 0/1 label, averaged with
+  `weights` [B] when given (e.g. class-balancing weights).
   """
   scores = scores.astype(jnp.float32)
   if scores.shape[1] == 2:
@@ -28,7 +29,9 @@ def preference_loss(scores, labels, margin: float = 0.0):
     return loss, {"accuracy": jnp.mean(diff > 0), "margin": jnp.mean(diff),
                   "reward_mean": jnp.mean(scores), "reward_std": jnp.std(scores)}
   logits = scores[:, 0]
-  loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+  per_example = optax.sigmoid_binary_cross_entropy(logits, labels)
+  loss = (jnp.mean(per_example) if weights is None
+          else jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1e-6))
   return loss, {"accuracy": jnp.mean((logits > 0) == (labels > 0.5)),
                 "reward_mean": jnp.mean(logits), "reward_std": jnp.std(logits)}
 

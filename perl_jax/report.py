@@ -28,7 +28,8 @@ def _rows(stages: dict) -> list[tuple[str, str]]:
     rows += [("RM held-out accuracy", f"{100 * reward['eval_accuracy']:.1f}%"),
              ("RM best held-out accuracy", f"{100 * reward['best_eval_accuracy']:.1f}%"),
              *([("RM held-out balanced accuracy",
-                 f"{100 * reward['eval_balanced_accuracy']:.1f}%")]
+                 f"{100 * reward['eval_balanced_accuracy']:.1f}%"),
+                ("RM held-out ROC AUC", f"{reward['eval_auc']:.3f}")]
                if "eval_balanced_accuracy" in reward else []),
              ("RM trainable params", f"{reward['trainable_params']:,} of {reward['total_params']:,}"
               f" ({reward['trainable_percent']:.2f}%)")]
@@ -39,7 +40,7 @@ def _rows(stages: dict) -> list[tuple[str, str]]:
              ("RM win rate of policy vs anchor", f"{100 * rl['win_rate_vs_anchor']:.1f}%")]
     rows += [(f"{k.replace('_', ' ')} (task judge), anchor -> policy",
               f"{rl[f'anchor_{k}']:.3f} -> {rl[k]:.3f}") for k in rl
-             if f"anchor_{k}" in rl and isinstance(rl[k], float)]
+             if f"anchor_{k}" in rl and k != "reward" and isinstance(rl[k], float)]
     if "gold_win_rate_vs_anchor" in rl:
       rows.append(("gold win rate of policy vs anchor",
                    f"{100 * rl['gold_win_rate_vs_anchor']:.1f}%"))

@@ -61,8 +61,19 @@ def reward_loss_fn(model, margin: float):
   def loss_fn(trainable, frozen, batch, rng):
     scores = scores_of(model, {**frozen, **trainable}, batch["tokens"], batch["input_mask"],
                        deterministic=False, rng=rng)
-    return losses.preference_loss(scores, batch["label"], margin)
+    return losses.preference_loss(scores, batch["label"], margin, batch.get("weight"))
   return loss_fn
+
+
+def class_balancing_weights(labels: np.ndarray) -> np.ndarray:
+  """Per-row weights giving each 0/1 label half of the total: n / (2 * count of its label)."""
+  positive = labels > 0.5
+  counts = {True: positive.sum(), False: (~positive).sum()}
+  if not counts[True] or not counts[False]:
+    raise ValueError("reward.balance_classes needs both labels in the training split, got only "
+                     f"{'1' if counts[True] else '0'}")
+  return np.where(positive, len(labels) / (2 * counts[True]),
+                  len(labels) / (2 * counts[False])).astype(np.float32)
 
 
 def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: float) -> dict:
@@ -85,7 +96,24 @@ def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: f
     predicted, labels = scores[:, 0] > 0, arrays["label"] > 0.5
     recalls = [np.mean(predicted[labels == c] == c) for c in (True, False) if np.any(labels == c)]
     metrics["balanced_accuracy"] = float(np.mean(recalls))
+    metrics["auc"] = roc_auc(scores[:, 0], labels)
   return metrics
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """P(score of a random positive > score of a random negative), ties half (Mann-Whitney U);
+  NaN unless both classes are present. RL needs the ranking, not the threshold."""
+  positives, negatives = scores[labels], scores[~labels]
+  if not len(positives) or not len(negatives):
+    return float("nan")
+  order = np.argsort(scores, kind="stable")
+  ranks = np.empty(len(scores))
+  ranks[order] = np.arange(1, len(scores) + 1)
+  for value in np.unique(scores):  # average ranks over ties
+    tied = scores == value
+    ranks[tied] = ranks[tied].mean()
+  u = ranks[labels].sum() - len(positives) * (len(positives) + 1) / 2
+  return float(u / (len(positives) * len(negatives)))
 
 
 def _data_dirs(config, workdir):
@@ -110,7 +138,15 @@ def load_data(config, workdir, tok):
       shown = "\n  ".join(prefs.skipped[:10])
       print(f"[reward] {dcfg.name}/{split}: skipped {prefs.rows_skipped} malformed rows:\n  "
             f"{shown}", flush=True)
+  if train_prefs.kind not in ("pairwise", "pointwise"):
+    raise ValueError(f"{dcfg.name} holds {train_prefs.kind}, not preference pairs or 0/1 "
+                     f"reward labels: the reward stage cannot train on it")
   train_arrays = encode_preferences(tok, train_prefs, config.data.max_len)
+  if config.reward.balance_classes:
+    if train_prefs.kind != "pointwise":
+      raise ValueError("reward.balance_classes applies to pointwise 0/1 data only; "
+                       f"{dcfg.name} is {train_prefs.kind}")
+    train_arrays["weight"] = class_balancing_weights(train_arrays["label"])
   eval_arrays = encode_preferences(tok, eval_prefs, config.data.max_len)
   eval_arrays = {k: v[:dcfg.max_eval_rows] for k, v in eval_arrays.items()}
   return train_prefs, eval_prefs, train_arrays, eval_arrays

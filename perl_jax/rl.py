@@ -334,7 +334,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   else:
     initial = evaluate(trainable)
     common.write_json(initial_path, initial)
-  judged_keys = [k for k in initial if f"anchor_{k}" in initial]  # the task judge's metrics
+  # The task judge's metrics (evaluate() reports each beside its anchor_ value, as it does the
+  # reward model's "reward").
+  judged_keys = [k for k in initial if f"anchor_{k}" in initial and k != "reward"]
   print(f"[rl] before training: reward {initial['reward']:.3f}" +
         "".join(f", {k} {initial[k]:.3f}" for k in judged_keys), flush=True)
 

@@ -71,3 +71,29 @@ def test_reward_model_learns_preferences(tmp_path, rank):
     assert os.path.exists(tmp_path / "run" / "reward" / "best.json")
   else:
     assert result["trainable_percent"] == 100.0
+
+
+def test_roc_auc_is_the_pairwise_ranking_probability():
+  from perl_jax.reward import roc_auc
+  rng = np.random.default_rng(0)
+  scores = np.round(rng.normal(size=60), 1)  # rounded: ties count half
+  labels = rng.random(60) < 0.7
+  pos, neg = scores[labels], scores[~labels]
+  pairwise = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
+  assert abs(roc_auc(scores, labels) - pairwise) < 1e-12
+  assert np.isnan(roc_auc(scores, np.ones(60, bool)))
+
+
+def test_balanced_bce_gives_each_label_half_the_loss():
+  import jax.numpy as jnp
+  from perl_jax import losses
+  from perl_jax.reward import class_balancing_weights
+  labels = np.array([1, 1, 1, 0], np.float32)
+  weights = class_balancing_weights(labels)
+  np.testing.assert_allclose(weights, [2 / 3, 2 / 3, 2 / 3, 2.0])
+  scores = jnp.array([[2.0], [1.0], [0.5], [0.3]])
+  loss, _ = losses.preference_loss(scores, jnp.asarray(labels), weights=jnp.asarray(weights))
+  per_row = np.log1p(np.exp(-np.array([2.0, 1.0, 0.5]))).mean(), np.log1p(np.exp(0.3))
+  np.testing.assert_allclose(float(loss), np.mean(per_row), rtol=1e-6)
+  with pytest.raises(ValueError, match="both labels"):
+    class_balancing_weights(np.ones(3, np.float32))
