@@ -31,7 +31,7 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer
     return tokenizer
   if not config.tokenizer.path and config.task not in tasks.TASKS:
     raise ValueError(f"config.tokenizer.path is empty and config.task {config.task!r} ships no "
-                     f"tokenizer (tasks that do: {tasks.TASKS})")
+                     f"tokenizer (tasks that do: {tasks.TASKS}): set --config.tokenizer.path")
   path = config.tokenizer.path or os.path.join(ASSETS, tasks.get(config.task).TOKENIZER)
   return tokenizer_lib.Tokenizer(path)
 

@@ -35,7 +35,9 @@ def get_config(arg: str = "hh_harmless"):
   if arg not in DATASETS:
     raise ValueError(f"unknown dataset {arg!r}; use one of {sorted(DATASETS)}")
   c = config_base.base_config()
-  c.task = arg
+  # No task: the data is config.reward.data, and config.tokenizer.path must name the backbone's
+  # tokenizer (a task's shipped tokenizer would not match gemma-2b's embeddings).
+  c.task = ""
   c.stages = ("reward",)
   c.model.preset = "gemma-2b"
   c.model.dtype = c.model.param_dtype = "bfloat16"
