@@ -89,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   for prompt, text in samples[:3]:
     print(f"[sft] sample: {prompt[-200:]} {text}", flush=True)
   return {"eval_nll": eval_metrics["nll"], "eval_perplexity": eval_metrics["perplexity"],
-          "samples_well_formed": well_formed, **judged, "train_loss": result["final_metrics"].get("loss"),
+          "samples_well_formed": well_formed, **judged,
+          "train_loss": result["final_metrics"].get("loss"),
           "steps": result["steps"], "step_time_s": result["step_time_s"],
           "samples": [f"{p[-200:]} {s}" for p, s in samples[:5]],
           **common.param_report(result["state"]["trainable"], frozen)}

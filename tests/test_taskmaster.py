@@ -110,8 +110,8 @@ def test_released_dialogs_split_like_the_reward_examples(tmp_path):
 
 
 def test_judge_compares_with_the_published_turn():
-  references = ['[call] get_menu_items {"query": "latte"}', '[call] get_menu_items {"query": "latte"}',
-                "Anything else?", '[call] finish_order {"order_id": "1"}']
+  latte = '[call] get_menu_items {"query": "latte"}'
+  references = [latte, latte, "Anything else?", '[call] finish_order {"order_id": "1"}']
   samples = ['[call] get_menu_items {"query":"latte"}', '[call] get_menu_items {"query": "mocha"}',
              "Would you like a pastry?", '[call] finish_order {"order_id": ']
   judged = taskmaster.judge(samples, references)
