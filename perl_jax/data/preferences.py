@@ -22,8 +22,8 @@ chosen and rejected, label not 0/1) is never written and never silently dropped:
 "file:line: reason" under the split that holds it (a dialog that yields several examples is
 kept or skipped whole). The list, the dataset kind ("pairwise", "pointwise" or "demonstrations":
 SFT examples, e.g. taskmaster_dialogs), the manual dir and the files read are saved by TFDS with
-the prepared data, in `<data_dir>/<name>/[<config>/]1.0.0/metadata.json` (the builder's `info.metadata`), so loading an
-already prepared dataset reports them again. A split with no usable rows stops the preparation.
+the prepared data, in `<data_dir>/<name>/[<config>/]1.0.0/metadata.json` (the builder's
+`info.metadata`), so loading an already prepared dataset reports them again. A split with no usable rows stops the preparation.
 """
 from __future__ import annotations
 
