@@ -4,7 +4,8 @@ The demo (preference pairs sampled from its SFT model, accuracy against the gold
   python -m perl_jax.main --config=configs/demo.py --workdir=/tmp/perl_demo   # once: SFT + pairs
   python experiments/rm_lora_vs_full.py --base=/tmp/perl_demo --out=/tmp/rm_lora_vs_full
 
-Taskmaster Coffee (the released reward examples, pointwise, BCE; balanced accuracy too):
+Taskmaster Coffee (the released reward examples, pointwise, BCE; balanced accuracy and ROC AUC
+too; add --config.reward.balance_classes=True for class-balanced BCE):
   python -m perl_jax.main --config=configs/paper/taskmaster.py --workdir=/tmp/perl_taskmaster \
       --config.data.manual_dir=TM-4-2024 --config.stages=sft              # once: SFT
   python experiments/rm_lora_vs_full.py --config=configs/paper/taskmaster.py \
@@ -73,6 +74,7 @@ def main(argv):
     rows.append({"variant": name, "eval_accuracy": result["eval_accuracy"],
                  "best_eval_accuracy": result["best_eval_accuracy"],
                  "eval_balanced_accuracy": result.get("eval_balanced_accuracy", float("nan")),
+                 "eval_auc": result.get("eval_auc", float("nan")),
                  "trainable_percent": result["trainable_percent"],
                  "trainable_params": result["trainable_params"],
                  "median_step_time_s": result["step_time_s"],
@@ -82,10 +84,11 @@ def main(argv):
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  lines = ["| variant | eval acc | best eval acc | balanced acc | trainable % | median step s "
-           "| step peak MiB |", "|---|---|---|---|---|---|---|"]
+  lines = ["| variant | eval acc | best eval acc | balanced acc | ROC AUC | trainable % "
+           "| median step s | step peak MiB |", "|---|---|---|---|---|---|---|---|"]
   lines += [f"| {r['variant']} | {100 * r['eval_accuracy']:.1f}% | "
             f"{100 * r['best_eval_accuracy']:.1f}% | {100 * r['eval_balanced_accuracy']:.1f}% | "
+            f"{r['eval_auc']:.3f} | "
             f"{r['trainable_percent']:.3f} | "
             f"{r['median_step_time_s']:.3f} | {r['step_peak_mib']:.1f} |" for r in rows]
   with open(os.path.join(_OUT.value, "results.md"), "w") as f:
