@@ -6,11 +6,12 @@ r"""Taskmaster-4 Coffee end to end on the data released with PERL, sized for a C
 PATH/TO/TM-4-2024 holds data/data_*.json (dialogs) and reward/reward_*.json (reward examples)
 of github.com/google-research-datasets/Taskmaster (CC BY 4.0); in this repository's CI,
 ../shared/data/taskmaster-coffee. Stages (see perl_jax/tasks/taskmaster.py):
-  sft     a 1.2M-parameter model from scratch on the agent turns of 70% of the dialogs;
+  sft     a 1.08M-parameter model from scratch on the agent turns of 70% of the dialogs;
   reward  LoRA binary classifier (BCE) on the reward examples (held-out: balanced accuracy too);
   rl      PERL REINFORCE with a LoRA value baseline on contexts of another 20% of the dialogs,
           evaluated on the 10% test dialogs against the published next turns.
-The paper trains a PaLM 2 S reward classifier on these examples; it publishes no accuracy for it.
+The paper trains a PaLM 2 S reward classifier on these examples; measured results at this CPU size
+are in README.md and experiments/README.md.
 """
 from perl_jax import config_base
 
