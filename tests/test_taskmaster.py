@@ -129,10 +129,20 @@ def test_taskmaster_needs_the_published_files(tmp_path):
     main.run(config, str(tmp_path))
 
 
+def released_slice(folder, dialogs: int, reward_rows: int) -> str:
+  """The first dialogs and reward examples of the released files, in their layout."""
+  for kind, name, count in (("data", "data_00.json", dialogs), ("reward", "reward_00.json",
+                                                                  reward_rows)):
+    os.makedirs(folder / kind)
+    rows = json.load(open(f"{RELEASED}/{kind}/{name}"))[:count]
+    (folder / kind / name).write_text(json.dumps(rows, indent=4))
+  return str(folder)
+
+
 @needs_released
 def test_shortened_taskmaster_pipeline(tmp_path):
   config = taskmaster_config.get_config()
-  config.data.manual_dir = RELEASED
+  config.data.manual_dir = released_slice(tmp_path / "tm", dialogs=200, reward_rows=400)
   config.model.preset = "tiny"
   config.data.max_len, config.data.prompt_len, config.sampling.max_new_tokens = 96, 64, 16
   config.sft.num_train, config.sft.num_eval, config.sft.num_samples = 256, 16, 8
