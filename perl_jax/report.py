@@ -28,9 +28,10 @@ def _rows(stages: dict) -> list[tuple[str, str]]:
     rows += [("RM held-out accuracy", f"{100 * reward['eval_accuracy']:.1f}%"),
              ("RM best held-out accuracy", f"{100 * reward['best_eval_accuracy']:.1f}%"),
              *([("RM held-out balanced accuracy",
-                 f"{100 * reward['eval_balanced_accuracy']:.1f}%"),
-                ("RM held-out ROC AUC", f"{reward['eval_auc']:.3f}")]
+                 f"{100 * reward['eval_balanced_accuracy']:.1f}%")]
                if "eval_balanced_accuracy" in reward else []),
+             *([("RM held-out ROC AUC", f"{reward['eval_auc']:.3f}")]
+               if "eval_auc" in reward else []),
              ("RM trainable params", f"{reward['trainable_params']:,} of {reward['total_params']:,}"
               f" ({reward['trainable_percent']:.2f}%)")]
   if rl:
