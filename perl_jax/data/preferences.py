@@ -283,6 +283,17 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
           f"{self.name}: split {split!r} has no usable rows in {names} under {manual_dir} "
           f"({len(skipped)} malformed rows, first: {skipped[:3]})")
 
+  def _taskmaster_files(self, manual_dir: str, folder: str, prefix: str) -> list[str]:
+    """`<prefix>*.json` in manual_dir/<folder>/ (the TM-4-2024 layout) or in manual_dir."""
+    where = folder if os.path.isdir(os.path.join(manual_dir, folder)) else ""
+    names = sorted(os.path.join(where, f) for f in os.listdir(os.path.join(manual_dir, where))
+                   if f.startswith(prefix) and f.endswith(".json"))
+    if not names:
+      raise FileNotFoundError(
+          f"{self.name}: expected {prefix}*.json in manual dir {manual_dir} or in its {folder}/ "
+          "folder.\n" + self._instructions())
+    return names
+
   def _parse(self, row: Any) -> dict | list[dict]:
     """One JSON value as an example dict (without source), or a list of them, or MalformedRow
     saying why not (a row's examples are kept or skipped together)."""
@@ -523,14 +534,7 @@ class Taskmaster(_PreferenceBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     manual_dir = self._manual_dir(dl_manager)
-    folder = "reward" if os.path.isdir(os.path.join(manual_dir, "reward")) else ""
-    names = sorted(os.path.join(folder, f) if folder else f
-                   for f in os.listdir(os.path.join(manual_dir, folder))
-                   if f.startswith("reward_") and f.endswith(".json"))
-    if not names:
-      raise FileNotFoundError(
-          f"{self.name}: expected reward_*.json in manual dir {manual_dir} or in its reward/ "
-          "folder.\n" + self._instructions())
+    names = self._taskmaster_files(manual_dir, "reward", "reward_")
     return {split: self._generate_examples(split, manual_dir, names, reader=_read_json_rows,
                                keep=lambda source, row, split=split:
                                taskmaster_split(row, source) == split)
@@ -624,14 +628,7 @@ class TaskmasterDialogs(_PreferenceBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     manual_dir = self._manual_dir(dl_manager)
-    folder = "data" if os.path.isdir(os.path.join(manual_dir, "data")) else ""
-    names = sorted(os.path.join(folder, f) if folder else f
-                   for f in os.listdir(os.path.join(manual_dir, folder))
-                   if f.startswith("data_") and f.endswith(".json"))
-    if not names:
-      raise FileNotFoundError(
-          f"{self.name}: expected data_*.json in manual dir {manual_dir} or in its data/ "
-          "folder.\n" + self._instructions())
+    names = self._taskmaster_files(manual_dir, "data", "data_")
 
     def keep(split):
       def keep_row(source, row):
