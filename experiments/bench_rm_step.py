@@ -56,6 +56,7 @@ def main(argv):
   from perl_jax import lora as lora_lib
   from perl_jax import model as model_lib
   from perl_jax import reward as reward_lib
+  from perl_jax import roles
   from perl_jax import sharding as sharding_lib
   from perl_jax import train as train_lib
 
@@ -83,7 +84,7 @@ def main(argv):
   # Same function: the score of each sequence at its last token (LoRA B = 0 on both sides).
   with torch.no_grad():
     hf_scores = hf(input_ids=torch.as_tensor(chosen[:pairs])).logits[:, 0].numpy()
-  perl_scores = np.asarray(reward_lib.scores_of(model, variables, jnp.asarray(chosen[:pairs]),
+  perl_scores = np.asarray(roles.sequence_scores(model, variables, jnp.asarray(chosen[:pairs]),
                                                 jnp.ones((pairs, length), bool)))
   score_diff = float(np.max(np.abs(hf_scores - perl_scores)))
   print(f"max |score_hf - score_perl_jax| = {score_diff:.2e}", flush=True)

@@ -57,7 +57,8 @@ def main(argv):
   mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.AXES, shape))) if shape else None
   rows = []
   for preset in _PRESETS.value:
-    cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16", remat=True)
+    cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16", remat=True,
+                                 scan_layers=True)
     for rank in [int(r) for r in _RANKS.value] + ([0] if _WITH_FULL.value else []):
       t0 = time.perf_counter()
       rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)

@@ -11,7 +11,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import sharding as sharding_lib
@@ -44,8 +43,10 @@ def _describe_checkpoint(path: str):
 
 def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
   """The architecture: config.model.checkpoint's when set, else config.model.preset's."""
-  overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                   remat=config.model.remat)
+  m = config.model
+  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                   remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                   logprob_chunk_tokens=m.logprob_chunk_tokens)
   if config.model.checkpoint:
     cfg = _describe_checkpoint(config.model.checkpoint)[0]
     if cfg.vocab_size < vocab_size:
@@ -68,35 +69,6 @@ def place(tree: Any, mesh) -> Any:
   return jax.device_put(tree, sharding_lib.tree_shardings(tree, mesh))
 
 
-def init_backbone(model: model_lib.Transformer, seed: int, mesh) -> dict:
-  return place(model_lib.init_variables(model, jax.random.key(seed))["params"], mesh)
-
-
-def load_backbone(sft_dir: str, model: model_lib.Transformer, mesh) -> dict:
-  """The backbone a finished SFT stage saved in `sft_dir/backbone`, placed onto `mesh`."""
-  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))["params"]
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, sharding_lib.tree_shardings(abstract, mesh))
-  return checkpoint_lib.load_tree(os.path.join(sft_dir, "backbone"), abstract)
-
-
-def backbone_for(config: ml_collections.ConfigDict, workdir: str,
-                 model: model_lib.Transformer, mesh) -> dict:
-  """The frozen backbone as config.model.backbone says (see config_base), on `mesh`."""
-  source = config.model.backbone
-  if source == "random":
-    return init_backbone(model, config.seed, mesh)
-  sft_dir = os.path.join(source or workdir, "sft")
-  if not source and config.model.checkpoint and not os.path.isdir(
-      os.path.join(sft_dir, "backbone")):
-    return load_released(config, mesh)
-  if not os.path.isdir(os.path.join(sft_dir, "backbone")):
-    raise FileNotFoundError(
-        f"no SFT backbone in {sft_dir}: run the 'sft' stage first (add it to config.stages), "
-        f"point config.model.backbone at a finished run's workdir, or use 'random'")
-  return load_backbone(sft_dir, model, mesh)
-
-
 def optim_for(optim_cfg: ml_collections.ConfigDict,
               full_finetune: bool) -> ml_collections.ConfigDict:
   """A stage's optimizer settings: full fine-tuning trains at optim.full_lr (when set)."""
@@ -105,12 +77,6 @@ def optim_for(optim_cfg: ml_collections.ConfigDict,
   resolved = optim_cfg.copy_and_resolve_references()
   resolved.lr = optim_cfg.full_lr
   return resolved
-
-
-def load_released(config: ml_collections.ConfigDict, mesh) -> dict:
-  """The params of config.model.checkpoint, streamed onto `mesh` as model.param_dtype."""
-  from perl_jax import checkpoints
-  return checkpoints.load_checkpoint(config.model.checkpoint, mesh, config.model.param_dtype)[1]
 
 
 def param_report(trainable: Any, frozen: Any) -> dict:

@@ -48,7 +48,19 @@ def base_config() -> ml_collections.ConfigDict:
       preset="demo",  # a key of perl_jax.model.PRESETS
       dtype="float32",  # compute dtype
       param_dtype="float32",  # backbone storage dtype
-      remat=False,  # rematerialise layers in the backward pass
+      remat=False,  # rematerialise layers in the backward pass (recompute, don't store)
+      # What remat keeps: a jax.checkpoint_policies name ("nothing_saveable": each layer's
+      # input only; "dots_saveable": matmul outputs too, less recompute, more memory).
+      remat_policy="nothing_saveable",
+      # Run the layers under nn.scan: compile time independent of depth, and remat that frees
+      # each layer's activations (unrolled, XLA may schedule every layer's recompute at once).
+      # Adapters are then stacked per projection (every layer gets the same targets); released
+      # checkpoints are stacked on load and exports unstacked, so files keep the per-layer
+      # layout. False: one module per layer (lora.targets may then pick single layers).
+      scan_layers=True,
+      # Tokens per chunk when computing log-probs from hidden states (perl_jax.logprobs): no
+      # step ever holds more than [chunk, vocab] f32 logits. Smaller: less memory, more steps.
+      logprob_chunk_tokens=1024,
       # Where later stages get the frozen backbone: "" = this workdir's sft stage; a path = the
       # workdir of a finished sft run; "random" = fresh initialisation (for tests and benchmarks).
       backbone="",

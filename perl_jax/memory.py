@@ -82,7 +82,8 @@ def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, pr
   full = lora_rank == 0
   backbone = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))["params"]
   trainable, frozen = jax.eval_shape(
-      lambda b: rl.init_roles(model, b, full, 0, with_value=algorithm != "rloo"), backbone)
+      lambda b: rl.init_roles(model, b, full, 0, with_value=algorithm != "rloo", mesh=mesh),
+      backbone)
   optimizer = _optimizer()
   state = _state(trainable, optimizer)
   n = new_tokens

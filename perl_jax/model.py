@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from perl_jax import lora as lora_lib
 
 _NEG_INF = -2.3819763e38  # large negative finite value, safe in bf16/f32
+SCANNED = "layers"  # the stacked layers' path under ModelConfig.scan_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,17 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # storage dtype of the backbone
   remat: bool = False  # rematerialise each layer in the backward pass
+  # What a rematerialised layer keeps for the backward pass: a name in jax.checkpoint_policies
+  # ("nothing_saveable": only the layer's input; "dots_saveable": matmul outputs too, ...).
+  remat_policy: str = "nothing_saveable"
+  # Layers under nn.scan: one compiled layer body (fast compiles at any depth) and a backward
+  # pass that rematerialises one layer at a time. Params and adapters are then stacked under
+  # `layers/` with a leading layer axis (`stack_layers` / `unstack_layers` convert); False keeps
+  # the per-layer `layer_{i}/` layout that checkpoint loaders and exports use.
+  scan_layers: bool = False
+  # Tokens (over the batch) per chunk of the log-prob computation (perl_jax.logprobs): the
+  # largest logits tensor any step builds is [chunk, vocab] f32.
+  logprob_chunk_tokens: int = 1024
 
   def is_local(self, layer: int) -> bool:
     return (self.sliding_window is not None and self.local_global_pattern > 0
@@ -151,6 +163,32 @@ def softcap(x, cap: float | None):
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def remat_policy(name: str):
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or not callable(policy):
+    known = sorted(n for n in dir(jax.checkpoint_policies) if n.endswith("saveable"))
+    raise ValueError(f"model.remat_policy {name!r} is not in jax.checkpoint_policies; try one of "
+                     f"{', '.join(known)}")
+  return policy
+
+
+def logits_of(cfg: ModelConfig, params: dict, hidden):
+  """f32 logits [..., V] of final hidden states [..., d] (tied embedding or lm_head, soft-cap).
+
+  Only for a few positions at a time (decoding, chunked log-probs): over a whole batch of
+  sequences this is the [B, T, V] tensor that perl_jax.logprobs exists to avoid."""
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.tie_embeddings:  # einsum, not table.T: no transposed copy of the table
+    table = params["embedder"]["input_embedding"]
+    raw = jnp.einsum("...d,vd->...v", hidden.astype(dtype), table.astype(dtype),
+                     preferred_element_type=jnp.float32)
+  else:
+    raw = jnp.einsum("...d,dv->...v", hidden.astype(dtype),
+                     params["lm_head"]["kernel"].astype(dtype),
+                     preferred_element_type=jnp.float32)
+  return softcap(raw.astype(jnp.float32), cfg.final_logit_softcap)
+
+
 class _Lora(nn.Module):
   """Base with the LoRA lookup shared by attention and MLP."""
   cfg: ModelConfig
@@ -165,10 +203,9 @@ class _Lora(nn.Module):
 
 
 class Attention(_Lora):
-  layer: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, cache, cache_index, deterministic):
+  def __call__(self, x, is_local, positions, attn_mask, cache, cache_index, deterministic):
     cfg = self.cfg
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = self.proj("q", (d,), (h, hd))(x, deterministic)
@@ -178,11 +215,12 @@ class Attention(_Lora):
       norm = lambda name: RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
                                   name=name)
       q, k = norm("q_norm")(q), norm("k_norm")(k)
-    local = cfg.is_local(self.layer)
-    if local:
-      base, scale = cfg.rope_local_base or cfg.rope_base, 1.0
-    else:
-      base, scale = cfg.rope_base, cfg.rope_scale_factor
+    has_local = cfg.sliding_window is not None and cfg.local_global_pattern > 0
+    local = jnp.asarray(is_local)
+    base, scale = cfg.rope_base, cfg.rope_scale_factor
+    if has_local:
+      base = jnp.where(local, cfg.rope_local_base or cfg.rope_base, cfg.rope_base)
+      scale = jnp.where(local, 1.0, cfg.rope_scale_factor)
     q = apply_rope(q, positions, base, scale)
     k = apply_rope(k, positions, base, scale)
     q = q * (cfg.query_pre_attn_scalar or hd) ** -0.5
@@ -198,10 +236,11 @@ class Attention(_Lora):
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
     logits = softcap(logits, cfg.attn_logit_softcap)
     mask = attn_mask
-    if local:
+    if has_local:
       q_slot = start + jnp.arange(t)
       k_slot = jnp.arange(s)
-      mask = mask & ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
+      in_window = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
+      mask = mask & (in_window | ~local)[None]
     logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
@@ -224,20 +263,21 @@ class MLP(_Lora):
 
 
 class Block(nn.Module):
+  """One decoder layer. `prefix` is its path ("layer_3", or "layers" under nn.scan)."""
   cfg: ModelConfig
-  layer: int
+  prefix: str
   lora: lora_lib.LoRASpec | None
   lora_targets: frozenset
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, cache, cache_index, deterministic):
+  def __call__(self, x, is_local, positions, attn_mask, cache, cache_index, deterministic):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
                                 name=name)
-    path = f"layer_{self.layer}"
-    h, cache = Attention(cfg, self.lora, self.lora_targets, f"{path}/attn", self.layer,
-                         name="attn")(norm("pre_attention_norm")(x), positions, attn_mask, cache,
-                                      cache_index, deterministic)
+    path = self.prefix
+    h, cache = Attention(cfg, self.lora, self.lora_targets, f"{path}/attn",
+                         name="attn")(norm("pre_attention_norm")(x), is_local, positions,
+                                      attn_mask, cache, cache_index, deterministic)
     if cfg.post_norms:
       h = norm("post_attention_norm")(h)
     x = x + h
@@ -289,25 +329,35 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)
     if cfg.embed_scale:
       x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
-    block = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
-    new_cache = {} if cache is not None else None
-    for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else cache[f"layer_{i}"]
-      x, layer_cache = block(cfg, i, self.lora, self.lora_targets, name=f"layer_{i}")(
-          x, positions, attn_mask, layer_cache, cache_index, deterministic)
-      if cache is not None:
-        new_cache[f"layer_{i}"] = layer_cache
+    block = Block
+    if cfg.remat:  # argument 7 (self is 0) is `deterministic`, a Python bool
+      block = nn.remat(Block, static_argnums=(7,), prevent_cse=not cfg.scan_layers,
+                       policy=remat_policy(cfg.remat_policy))
+    flags = [cfg.is_local(i) for i in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      scanned = nn.scan(block, variable_axes={"params": 0, lora_lib.ADAPTER: 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                        length=cfg.num_layers)
+      x, new_cache = scanned(cfg, SCANNED, self.lora, self.lora_targets, name=SCANNED)(
+          x, jnp.asarray(flags), positions, attn_mask, cache, cache_index, deterministic)
+    else:
+      new_cache = {} if cache is not None else None
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else cache[f"layer_{i}"]
+        x, layer_cache = block(cfg, f"layer_{i}", self.lora, self.lora_targets,
+                               name=f"layer_{i}")(x, flags[i], positions, attn_mask, layer_cache,
+                                                  cache_index, deterministic)
+        if cache is not None:
+          new_cache[f"layer_{i}"] = layer_cache
     hidden = RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
                      name="final_norm")(x)
     out = {"hidden": hidden, "cache": new_cache}
-    if logits:
-      if cfg.tie_embeddings:  # einsum, not table.T: no transposed copy of the table
-        raw = jnp.einsum("btd,vd->btv", hidden, table.astype(dtype))
-      else:
-        head = self.param("lm_head", lambda rng: {"kernel": nn.initializers.lecun_normal()(
-            rng, (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))})["kernel"]
-        raw = hidden @ head.astype(dtype)
-      out["logits"] = softcap(raw.astype(jnp.float32), cfg.final_logit_softcap)
+    if not cfg.tie_embeddings:
+      self.param("lm_head", lambda rng: {"kernel": nn.initializers.lecun_normal()(
+          rng, (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))})
+    if logits:  # every position: for parity checks; training and decoding use logits_of
+      out["logits"] = logits_of(cfg, self.variables["params"], hidden)
     if scores:
       out["scores"] = ScoreHead(name="score_head")(hidden)
     return out
@@ -339,8 +389,12 @@ def positions_from_mask(input_mask):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+  """Zero KV cache: {"layer_i": {"k", "v"}} of [B, S, K, D], or stacked [L, B, S, K, D]."""
   dtype = jnp.dtype(dtype or cfg.dtype)
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.num_layers,) + shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for i in range(cfg.num_layers)}
 
@@ -359,11 +413,56 @@ def build(cfg: ModelConfig, lora_rank: int = 0, lora_alpha: float | None = None,
           lora_dtype: str = "float32") -> Transformer:
   """A Transformer with adapters on the projections matched by `lora_targets` (rank 0: none)."""
   targets = lora_lib.select_targets(projection_shapes(cfg), lora_targets, lora_rank)
+  if cfg.scan_layers:
+    targets = _scanned_targets(targets, cfg.num_layers, lora_targets)
   spec = None
   if lora_rank > 0:
     spec = lora_lib.LoRASpec(lora_rank, float(lora_alpha or lora_rank), lora_dropout,
                              jnp.dtype(lora_dtype))
   return Transformer(cfg, spec, frozenset(targets))
+
+
+def _scanned_targets(targets: set[str], num_layers: int, patterns) -> set[str]:
+  """Per-layer target paths -> the stacked layers' ("layers/attn/q"); every layer must match."""
+  kinds: dict[str, int] = {}
+  for path in targets:
+    kind = path.split("/", 1)[1]
+    kinds[kind] = kinds.get(kind, 0) + 1
+  partial = sorted(k for k, n in kinds.items() if n != num_layers)
+  if partial:
+    raise ValueError(f"lora.targets {tuple(patterns)} adapt {', '.join(partial)} in some layers "
+                     f"only; with model.scan_layers=True every layer shares one adapter layout. "
+                     f"Target every layer, or set --config.model.scan_layers=False")
+  return {f"{SCANNED}/{kind}" for kind in kinds}
+
+
+def _is_layer(key: str) -> bool:
+  return key.startswith("layer_") and key[len("layer_"):].isdigit()
+
+
+def stack_layers(tree: dict, num_layers: int) -> dict:
+  """A params/adapter tree in the per-layer layout (`layer_{i}/...`) -> the scanned layout
+  (`layers/...` with a leading layer axis). Other keys are kept; an empty tree stays empty."""
+  layers = [tree[f"layer_{i}"] for i in range(num_layers) if f"layer_{i}" in tree]
+  if not layers:
+    return tree
+  if len(layers) != num_layers:
+    raise ValueError(f"tree has {len(layers)} of {num_layers} layer_i subtrees")
+  out = {k: v for k, v in tree.items() if not _is_layer(k)}
+  out[SCANNED] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out
+
+
+def unstack_layers(tree: dict) -> dict:
+  """The inverse of `stack_layers` (a tree without `layers/` is returned as it is)."""
+  if SCANNED not in tree:
+    return tree
+  stacked = tree[SCANNED]
+  num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in tree.items() if k != SCANNED}
+  for i in range(num_layers):
+    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
 
 
 def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
@@ -384,8 +483,4 @@ def param_counts(model: Transformer, score_head: bool = False) -> dict[str, int]
   return {"backbone": backbone, "adapter": adapter, "total": backbone + adapter}
 
 
-def sequence_logprobs(logits, tokens):
-  """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): shapes [B, T-1]."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 

@@ -16,22 +16,15 @@ import ml_collections
 import numpy as np
 
 from perl_jax import common
-from perl_jax import sft
+from perl_jax import roles
 from perl_jax.tasks import reviews
 
 
 def _pairs(model, backbone, tok, prompts, config, rng):
-  first = sft.sample_responses(model, {"params": backbone}, tok, prompts,
-                             _with_temperature(config), jax.random.fold_in(rng, 0))
-  second = sft.sample_responses(model, {"params": backbone}, tok, prompts,
-                              _with_temperature(config), jax.random.fold_in(rng, 1))
+  first, second = (roles.sample_texts(model, {"params": backbone}, tok, prompts, config,
+                                      jax.random.fold_in(rng, i), config.prefs.temperature)
+                   for i in (0, 1))
   return [(p, a, b) for (p, a), (_, b) in zip(first, second)]
-
-
-def _with_temperature(config):
-  c = config.copy_and_resolve_references()
-  c.sampling.temperature = config.prefs.temperature
-  return c
 
 
 def label_pairs(pairs, bt_scale: float, rng: np.random.Generator | None):
@@ -80,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   tok = common.load_tokenizer(config)
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size), lora_rank=0)
-  backbone = common.backbone_for(config, workdir, model, mesh)
+  backbone = roles.backbone_for(config, workdir, model, mesh)
   rng = jax.random.key(config.seed + 100)
   train_prompts = reviews.train_prompts(pcfg.num_train_prompts, seed=config.seed + 3)
   eval_prompts = reviews.eval_prompts(pcfg.num_eval_prompts)

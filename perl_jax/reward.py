@@ -19,7 +19,7 @@ from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import losses
-from perl_jax import model as model_lib
+from perl_jax import roles
 from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 from perl_jax.data import batching
@@ -46,21 +46,10 @@ def encode_preferences(tok, prefs, max_len: int) -> dict:
           "label": np.asarray(prefs.labels, np.float32)}
 
 
-def scores_of(model: model_lib.Transformer, variables, tokens, input_mask, deterministic=True,
-              rng=None):
-  """Reward of each sequence, read at its last real token. tokens: [..., L] -> [...]."""
-  lead, length = tokens.shape[:-1], tokens.shape[-1]
-  flat_tokens, flat_mask = tokens.reshape(-1, length), input_mask.reshape(-1, length)
-  out = model.apply(variables, flat_tokens, model_lib.positions_from_mask(flat_mask),
-                    model_lib.causal_mask(flat_mask), logits=False, scores=True,
-                    deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
-  return model_lib.last_token_values(out["scores"], flat_mask).reshape(lead)
-
-
 def reward_loss_fn(model, margin: float):
   def loss_fn(trainable, frozen, batch, rng):
-    scores = scores_of(model, {**frozen, **trainable}, batch["tokens"], batch["input_mask"],
-                       deterministic=False, rng=rng)
+    scores = roles.sequence_scores(model, {**frozen, **trainable}, batch["tokens"],
+                                   batch["input_mask"], deterministic=False, rng=rng)
     return losses.preference_loss(scores, batch["label"], margin, batch.get("weight"))
   return loss_fn
 
@@ -152,33 +141,12 @@ def load_data(config, workdir, tok):
   return train_prefs, eval_prefs, train_arrays, eval_arrays
 
 
-def reward_model(config, tok):
-  model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
-  return model
-
-
-def init_reward_variables(config, workdir, model, mesh):
-  """{"params": frozen backbone, "adapter": fresh LoRA (if any) + zero score head}, on `mesh`."""
-  variables = model_lib.init_variables(model, jax.random.key(config.seed + 7), score_head=True)
-  return {"params": common.backbone_for(config, workdir, model, mesh),
-          lora_lib.ADAPTER: common.place(variables[lora_lib.ADAPTER], mesh)}
-
-
-def load_reward_model(config, workdir, tok, mesh):
-  """(model, variables) of the best reward model the `reward` stage saved in `workdir`."""
-  model = reward_model(config, tok)
-  variables = init_reward_variables(config, workdir, model, mesh)
-  trainable, frozen = lora_lib.split_variables(variables, config.lora.rank == 0)
-  trainable = checkpoint_lib.load_tree(os.path.join(workdir, "reward", "best"), trainable)
-  return model, {**frozen, **trainable}
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   rcfg = config.reward
   tok = common.load_tokenizer(config)
-  model = reward_model(config, tok)
+  model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
   train_prefs, eval_prefs, train_arrays, eval_arrays = load_data(config, workdir, tok)
-  variables = init_reward_variables(config, workdir, model, mesh)
+  variables = roles.reward_model_variables(config, workdir, model, mesh)
   full_finetune = config.lora.rank == 0
   trainable, frozen = lora_lib.split_variables(variables, full_finetune)
   report = common.param_report(trainable, frozen)
@@ -191,8 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   stage_dir = os.path.join(workdir, "reward")
   best_path, best_info_path = os.path.join(stage_dir, "best"), os.path.join(stage_dir, "best.json")
   best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {"accuracy": -1.0}
-  frozen_scores = jax.jit(lambda t, f, b: scores_of(model, {**f, **t}, b["tokens"],
-                                                    b["input_mask"]))
+  frozen_scores = jax.jit(lambda t, f, b: roles.sequence_scores(model, {**f, **t}, b["tokens"],
+                                                                b["input_mask"]))
   score_fn = lambda t, b: frozen_scores(t, frozen, b)  # frozen is an argument, not a constant
 
   def eval_fn(trainable):

@@ -30,10 +30,9 @@ from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import losses
-from perl_jax import model as model_lib
-from perl_jax import reward as reward_lib
+from perl_jax import roles
 from perl_jax import sampling
-from perl_jax import sft
+from perl_jax import sharding as sharding_lib
 from perl_jax import tasks
 from perl_jax import train as train_lib
 from perl_jax.data import batching
@@ -60,16 +59,15 @@ def anchor_variables(frozen):
 
 
 def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool,
-               sft_adapter=None):
+               sft_adapter=None, mesh=None):
   """(trainable, frozen): policy (+ value) adapters over one frozen backbone, or full copies.
 
-  With `sft_adapter` (a LoRA SFT result), the policy adapter starts as a copy of it and the
-  anchor is the backbone with that adapter frozen: the adapter is copied, never the backbone.
+  Adapters are created on their shardings (roles.new_adapter). With `sft_adapter` (a LoRA SFT
+  result), the policy adapter starts as a copy of it and the anchor is the backbone with that
+  adapter frozen: the adapter is copied, never the backbone.
   """
-  policy_adapter = model_lib.init_variables(model, jax.random.key(seed + 11)).get(
-      lora_lib.ADAPTER, {})
-  value_adapter = model_lib.init_variables(model, jax.random.key(seed + 12),
-                                           score_head=True)[lora_lib.ADAPTER]
+  policy_adapter = roles.new_adapter(model, seed + 11, mesh)
+  value_adapter = roles.new_adapter(model, seed + 12, mesh, score_head=True)
   frozen = {"params": backbone}
   if sft_adapter is not None:
     if full_finetune:
@@ -91,24 +89,6 @@ def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool
 # ----------------------------------------------------------------------------- scoring
 
 
-def completion_logprobs(model, variables, tokens, input_mask, prompt_len: int):
-  """Log-probs [B, N] of the completion tokens and the entropy of each step's distribution."""
-  out = model.apply(variables, tokens, model_lib.positions_from_mask(input_mask),
-                    model_lib.causal_mask(input_mask))
-  logits = out["logits"][:, prompt_len - 1:-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  chosen = jnp.take_along_axis(logp, tokens[:, prompt_len:, None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-  return chosen, entropy
-
-
-def token_values(model, variables, tokens, input_mask, prompt_len: int):
-  """Value before each completion token [B, N] (position prompt_len - 1 + t)."""
-  out = model.apply(variables, tokens, model_lib.positions_from_mask(input_mask),
-                    model_lib.causal_mask(input_mask), logits=False, scores=True)
-  return out["scores"][:, prompt_len - 1:-1]
-
-
 def make_scorer(model, reward_fn, rcfg, prompt_len: int, with_value: bool, eos_id: int):
   """Jitted: rollout -> rewards, anchor/policy log-probs, entropy, values.
 
@@ -123,18 +103,19 @@ def make_scorer(model, reward_fn, rcfg, prompt_len: int, with_value: bool, eos_i
     rm_scores = reward_fn(reward_variables, tokens, input_mask)
     reached_eos = jnp.any(rollout["completion"] == eos_id, axis=1)
     rm_scores = rm_scores - rcfg.missing_eos_penalty * (~reached_eos)
-    policy_logprobs, entropy = completion_logprobs(
-        model, policy_variables(trainable, frozen), tokens, input_mask, prompt_len)
-    anchor_logprobs, _ = completion_logprobs(model, anchor_variables(frozen), tokens, input_mask,
-                                             prompt_len)
+    policy_logprobs, entropy = roles.token_logprobs(
+        model, policy_variables(trainable, frozen), tokens, input_mask, prompt_len,
+        with_entropy=True)
+    anchor_logprobs, _ = roles.token_logprobs(model, anchor_variables(frozen), tokens,
+                                              input_mask, prompt_len)
     out = {"rm_scores": rm_scores, "policy_logprobs": policy_logprobs,
            "anchor_logprobs": anchor_logprobs,
            "kl": losses.masked_sum(losses.kl_k1(policy_logprobs, anchor_logprobs), cmask),
            "entropy": losses.masked_mean(entropy, cmask, axis=1),
            "length": jnp.sum(cmask, axis=1).astype(jnp.float32)}
     if with_value:
-      out["values"] = token_values(model, value_variables(trainable, frozen), tokens, input_mask,
-                                   prompt_len)
+      out["values"] = roles.token_values(model, value_variables(trainable, frozen), tokens,
+                                         input_mask, prompt_len)
     return out
 
   return score
@@ -165,16 +146,16 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
     del rng
     tokens, input_mask, cmask = batch["tokens"], batch["input_mask"], batch["completion_mask"]
     cmask = cmask.astype(jnp.float32)
-    logprobs, entropy = completion_logprobs(model, policy_variables(trainable, frozen), tokens,
-                                            input_mask, prompt_len)
+    logprobs, entropy = roles.token_logprobs(model, policy_variables(trainable, frozen), tokens,
+                                             input_mask, prompt_len, with_entropy=True)
     metrics = {"reward": jnp.mean(batch["rm_scores"]), "kl": jnp.mean(batch["kl"]),
                "return": jnp.mean(batch["returns"]), "response_length": jnp.mean(batch["length"]),
                "entropy": jnp.mean(losses.masked_mean(entropy, cmask, axis=1))}
     if algorithm == "ppo":
       pg_loss, clip_fraction = losses.ppo_policy_loss(
           logprobs, batch["policy_logprobs"], batch["advantages"], cmask, rcfg.ppo_clip)
-      values = token_values(model, value_variables(trainable, frozen), tokens, input_mask,
-                            prompt_len)
+      values = roles.token_values(model, value_variables(trainable, frozen), tokens,
+                                  input_mask, prompt_len)
       v_loss = losses.value_loss(values, batch["token_returns"], cmask, batch["values"],
                                  rcfg.value_clip)
       metrics["clip_fraction"] = clip_fraction
@@ -182,8 +163,8 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
       pg_loss = losses.reinforce_loss(logprobs, cmask, batch["advantages"])
       v_loss = 0.0
       if algorithm == "reinforce":
-        prompt_values = token_values(model, value_variables(trainable, frozen), tokens,
-                                     input_mask, prompt_len)[:, 0]
+        prompt_values = roles.token_values(model, value_variables(trainable, frozen), tokens,
+                                           input_mask, prompt_len)[:, 0]
         v_loss = losses.value_loss(prompt_values, batch["returns"])
     loss = pg_loss + rcfg.value_coef * v_loss
     if rcfg.kl_mode == "loss":
@@ -234,8 +215,8 @@ def validate(rcfg):
 
 
 def reward_model_fn(rm_model):
-  return lambda variables, tokens, input_mask: reward_lib.scores_of(rm_model, variables, tokens,
-                                                                    input_mask)
+  return lambda variables, tokens, input_mask: roles.sequence_scores(rm_model, variables, tokens,
+                                                                     input_mask)
 
 
 def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, frozen, reward_fn,
@@ -250,29 +231,34 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
   prompt_len = prompt_arrays["tokens"].shape[1]
   with_value = rcfg.algorithm in ("reinforce", "ppo")
   score = make_scorer(model, reward_fn, rcfg, prompt_len, with_value, sample_cfg.eos_id)
-  shape = jax.jit(lambda scored, cmask: shape_returns(scored, cmask, rcfg))
+  keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length") + (
+      ("values",) if with_value else ())
+
+  @jax.jit
+  def update_batch(rollout, scored):
+    """The update's batch: the rollout, its scores, returns and advantages (all on device)."""
+    cmask = rollout["completion_mask"].astype(jnp.float32)
+    returns, token_rewards = shape_returns(scored, cmask, rcfg)
+    extra = advantages_for(scored, returns, token_rewards, cmask, rcfg)
+    return {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
+            "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
+            **{k: scored[k] for k in keep}}
+
   timings = {"rollout": [], "scoring": []}
+  rollout_key = jax.random.key(config.seed + 21)
 
   def rollout_batch(step, trainable):
     prompts = batching.batch_at(prompt_arrays, step, rcfg.prompts_per_step, config.seed)
     k = rcfg.samples_per_prompt
-    tokens = jnp.asarray(np.repeat(prompts["tokens"], k, axis=0))
-    mask = jnp.asarray(np.repeat(prompts["mask"], k, axis=0))
+    prompts = sharding_lib.put_batch({"tokens": np.repeat(prompts["tokens"], k, axis=0),
+                                      "mask": np.repeat(prompts["mask"], k, axis=0)}, mesh)
     t0 = time.perf_counter()
-    rollout = sampling.sample(model, policy_variables(trainable, frozen), tokens, mask,
-                              jax.random.fold_in(jax.random.key(config.seed + 21), step),
-                              sample_cfg)
+    rollout = sampling.sample(model, policy_variables(trainable, frozen), prompts["tokens"],
+                              prompts["mask"], train_lib.step_key(rollout_key, step), sample_cfg)
     jax.block_until_ready(rollout)
     t1 = time.perf_counter()
-    scored = score(trainable, frozen, reward_variables, rollout)
-    cmask = rollout["completion_mask"].astype(jnp.float32)
-    returns, token_rewards = shape(scored, cmask)
-    extra = advantages_for(scored, returns, token_rewards, cmask, rcfg)
-    keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length")
-    batch = {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
-             "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
-             **{k: scored[k] for k in keep + (("values",) if with_value else ())}}
-    batch = jax.device_get(batch)
+    batch = update_batch(rollout, score(trainable, frozen, reward_variables, rollout))
+    jax.block_until_ready(batch)  # stays on device, on its sharding: no host round trip
     timings["rollout"].append(t1 - t0)
     timings["scoring"].append(time.perf_counter() - t1)
     return batch
@@ -297,17 +283,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   tok = common.load_tokenizer(config)
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
   full_finetune = config.lora.rank == 0
-  rm_model, rm_variables = reward_lib.load_reward_model(config, workdir, tok, mesh)
+  rm_model, rm_variables = roles.load_reward_model(config, workdir, tok, mesh)
   # Under LoRA the reward model's backbone *is* the policy's: the same arrays, not a copy.
-  backbone = rm_variables["params"] if not full_finetune else common.backbone_for(
+  backbone = rm_variables["params"] if not full_finetune else roles.backbone_for(
       config, workdir, model, mesh)
   with_value = rcfg.algorithm in ("reinforce", "ppo")
   sft_adapter = None
   if rcfg.sft_adapter:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
-    abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
-    sft_adapter = checkpoint_lib.load_tree(rcfg.sft_adapter, abstract[lora_lib.ADAPTER])
+    sft_adapter = checkpoint_lib.load_tree(rcfg.sft_adapter, roles.sharded_abstract(
+        roles.abstract_variables(model)[lora_lib.ADAPTER], mesh))
   trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value,
-                                 sft_adapter)
+                                 sft_adapter, mesh)
   trainable, frozen = common.place(trainable, mesh), common.place(frozen, mesh)
   report = common.param_report(trainable, frozen)
   what = "full model copies" if full_finetune else "LoRA adapters"
@@ -315,9 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
         f"beta={rcfg.kl_coef}, kl_mode={rcfg.kl_mode}, "
         f"{rcfg.prompts_per_step} prompts x {rcfg.samples_per_prompt} samples per step",
         flush=True)
-  sample_cfg = sampling.SamplingConfig(config.sampling.max_new_tokens, rcfg.temperature,
-                                       config.sampling.top_k, config.sampling.top_p, tok.eos_id,
-                                       tok.pad_id)
+  sample_cfg = roles.sampling_config(config, tok, rcfg.temperature)
   reward_fn = reward_model_fn(rm_model)
   evaluate = make_evaluator(config, workdir, model, reward_fn, rm_variables, frozen, tok,
                             sample_cfg)
@@ -341,7 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
         "".join(f", {k} {initial[k]:.3f}" for k in judged_keys), flush=True)
 
   prompts = tasks.get(config.task).rl_prompts(config, workdir)
-  prompt_tokens, prompt_mask = sft.encode_prompts(tok, prompts, config.data.prompt_len)
+  prompt_tokens, prompt_mask = roles.encode_prompts(tok, prompts, config.data.prompt_len)
   result = train_policy(name="rl", stage_dir=stage_dir, config=config, mesh=mesh, writer=writer,
                         model=model, trainable=trainable, frozen=frozen, reward_fn=reward_fn,
                         reward_variables=rm_variables,
@@ -389,7 +373,8 @@ def make_evaluator(config, workdir, model, reward_fn, reward_variables, frozen, 
   reward model and by the task's judge (e.g. the reviews task's gold reward)."""
   rcfg = config.rl
   prompts, judge = tasks.get(config.task).eval_set(config, workdir)
-  tokens, mask = (jnp.asarray(a) for a in sft.encode_prompts(tok, prompts, config.data.prompt_len))
+  tokens, mask = (jnp.asarray(a) for a in roles.encode_prompts(tok, prompts,
+                                                                config.data.prompt_len))
   rng = jax.random.key(config.seed + 31)
   scorer = make_scorer(model, reward_fn, rcfg, config.data.prompt_len, False, tok.eos_id)
   anchor_cache = {}

@@ -65,9 +65,13 @@ def sample(model: model_lib.Transformer, variables, prompt_tokens, prompt_mask, 
   total = prompt_len + cfg.max_new_tokens
   cache_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(prompt_mask)
   positions = model_lib.positions_from_mask(prompt_mask)
+  # The prefill projects only the last position onto the vocabulary: that is all it samples from.
+  last_logits = lambda out: model_lib.logits_of(model.cfg, variables["params"],
+                                                out["hidden"][:, -1])
   out = model.apply(variables, prompt_tokens, positions,
                     model_lib.decode_mask(cache_valid, 0, prompt_len),
-                    cache=model_lib.init_cache(model.cfg, batch, total), cache_index=0)
+                    cache=model_lib.init_cache(model.cfg, batch, total), cache_index=0,
+                    logits=False)
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
 
   def body(carry, i):
@@ -79,12 +83,13 @@ def sample(model: model_lib.Transformer, variables, prompt_tokens, prompt_mask, 
     slot = prompt_len + i
     cache_valid = cache_valid.at[:, slot].set(alive)
     out = model.apply(variables, token[:, None], position[:, None],
-                      model_lib.decode_mask(cache_valid, slot, 1), cache=cache, cache_index=slot)
+                      model_lib.decode_mask(cache_valid, slot, 1), cache=cache, cache_index=slot,
+                      logits=False)
     done = done | (token == cfg.eos_id)
-    carry = (out["logits"][:, -1], out["cache"], cache_valid, position + 1, done, rng)
+    carry = (last_logits(out), out["cache"], cache_valid, position + 1, done, rng)
     return carry, (token, alive)
 
-  init = (out["logits"][:, -1], out["cache"], cache_valid, next_position,
+  init = (last_logits(out), out["cache"], cache_valid, next_position,
           jnp.zeros((batch,), bool), rng)
   _, (completion, alive) = jax.lax.scan(body, init, jnp.arange(cfg.max_new_tokens))
   completion, completion_mask = completion.T, alive.T

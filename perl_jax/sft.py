@@ -16,23 +16,19 @@ import numpy as np
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
-from perl_jax import model as model_lib
-from perl_jax import sampling
+from perl_jax import roles
 from perl_jax import sharding as sharding_lib
 from perl_jax import tasks
 from perl_jax import train as train_lib
 from perl_jax.data import batching
 
 
-def sft_loss(model: model_lib.Transformer):
+def sft_loss(model):
   """Mean next-token NLL over response tokens (loss_mask marks them)."""
 
   def loss_fn(trainable, frozen, batch, rng):
-    out = model.apply({**frozen, **trainable}, batch["tokens"],
-                      model_lib.positions_from_mask(batch["input_mask"]),
-                      model_lib.causal_mask(batch["input_mask"]), deterministic=False,
-                      rngs={"dropout": rng})
-    token_logprobs = model_lib.sequence_logprobs(out["logits"], batch["tokens"])
+    token_logprobs, _ = roles.token_logprobs(model, {**frozen, **trainable}, batch["tokens"],
+                                             batch["input_mask"], deterministic=False, rng=rng)
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
     nll = -jnp.sum(token_logprobs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return nll, {"tokens": jnp.sum(weights)}
@@ -53,9 +49,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   train_arrays = batching.encode_sft(tok, train_pairs, config.data.max_len)
   eval_arrays = batching.encode_sft(tok, eval_pairs, config.data.max_len)
   if config.model.checkpoint:  # fine-tune a released model
-    initial = common.load_released(config, mesh)
+    initial = roles.load_released(config, mesh)
   else:  # the demo trains its tiny backbone from scratch
-    initial = model_lib.init_variables(model, jax.random.key(config.seed))["params"]
+    initial = roles.new_backbone(model, config.seed, mesh)
   trainable, frozen = lora_lib.split_variables({"params": initial}, full_finetune=True)
   loss_fn = sft_loss(model)
   eval_loss = jax.jit(lambda t, b: loss_fn(t, frozen, b, jax.random.key(0))[0])
@@ -77,8 +73,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   params = result["state"]["trainable"]["params"]
   checkpoint_lib.save_tree(os.path.join(workdir, "sft", "backbone"), params)
   sample_prompts, judge = task.eval_set(config, workdir, scfg.num_samples)
-  samples = sample_responses(model, {"params": params}, tok, sample_prompts, config,
-                             jax.random.key(config.seed + 1))
+  samples = roles.sample_texts(model, {"params": params}, tok, sample_prompts, config,
+                               jax.random.key(config.seed + 1))
   texts = [text for _, text in samples]
   well_formed = float(np.mean([task.is_well_formed(text) for text in texts]))
   judged = {f"samples_{k}": float(np.nanmean(v)) for k, v in judge(texts).items()}
@@ -94,20 +90,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
           "steps": result["steps"], "step_time_s": result["step_time_s"],
           "samples": [f"{p[-200:]} {s}" for p, s in samples[:5]],
           **common.param_report(result["state"]["trainable"], frozen)}
-
-
-def encode_prompts(tok, prompts, length: int):
-  """Left-padded BOS + prompt ids; longer prompts lose their middle (batching.truncate_prompt)."""
-  return batching.pad_rows([batching.truncate_prompt([tok.bos_id] + tok.encode(p), length)
-                            for p in prompts], length, tok.pad_id, left=True)
-
-
-def sample_responses(model, variables, tok, prompts, config, rng):
-  """(prompt, completion text) pairs sampled with the config's sampling settings."""
-  tokens, mask = encode_prompts(tok, prompts, config.data.prompt_len)
-  scfg = sampling.SamplingConfig(config.sampling.max_new_tokens, config.sampling.temperature,
-                                 config.sampling.top_k, config.sampling.top_p, tok.eos_id,
-                                 tok.pad_id)
-  out = jax.device_get(sampling.sample(model, variables, jnp.asarray(tokens), jnp.asarray(mask),
-                                       rng, scfg))
-  return [(p, tok.decode(c)) for p, c in zip(prompts, out["completion"])]

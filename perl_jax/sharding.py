@@ -50,14 +50,15 @@ def batch_divisor(mesh: Mesh) -> int:
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-  """Places a host batch on the mesh, split over the batch axes."""
+  """Places a batch on the mesh, split over the batch axes: host arrays are copied in, device
+  arrays (an RL rollout) are resharded on device if they are not split that way already."""
   div = batch_divisor(mesh)
   for name, value in batch.items():
     if value.shape[0] % div:
       raise ValueError(f"batch field {name!r} has {value.shape[0]} rows, not divisible by the "
                        f"{div} data-parallel devices of the mesh")
   sharding = batch_sharding(mesh)
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or all(isinstance(v, jax.Array) for v in batch.values()):
     return jax.device_put(batch, sharding)
   # Multi-host: each process contributes only its own rows of the global batch.
   index, count = jax.process_index(), jax.process_count()
@@ -103,9 +104,15 @@ def _path_str(path) -> str:
 
 def spec_for(path: str, shape: tuple, mesh: Mesh, rules=PARAM_RULES,
              logical_to_mesh=LOGICAL_TO_MESH) -> P:
-  """PartitionSpec of one leaf; a dimension the mesh axis does not divide stays unsharded."""
+  """PartitionSpec of one leaf; a dimension the mesh axis does not divide stays unsharded.
+
+  Leaves of scanned layers (`layers/...`, model.scan_layers) have a leading layer axis: it stays
+  unsharded and the rest follows the per-layer rule."""
   if len(shape) == 0:
     return P()
+  if re.search(r"(^|/)layers/", path):
+    return P(None, *spec_for(re.sub(r"(^|/)layers/", r"\1", path), shape[1:], mesh, rules,
+                             logical_to_mesh))
   for pattern, logical in rules:
     if re.search(pattern, path):
       if logical is None:

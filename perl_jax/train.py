@@ -85,6 +85,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ac
   return train_step
 
 
+def step_key(base_rng, step: int):
+  """The step's random key, fold_in(base_rng, step), with the step put on the device
+  explicitly (the train loop runs under jax.transfer_guard("disallow"))."""
+  return jax.random.fold_in(base_rng, jax.device_put(np.uint32(step)))
+
+
 def sharded_train_step(train_step, mesh, state, frozen):
   """jit of a train step with explicit shardings: state and frozen leaves by the parameter
   rules of perl_jax.sharding, batches over data x fsdp; the state is donated."""
@@ -180,19 +186,22 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   step_memory = None
   t_last = time.perf_counter()
   for step in range(start, tcfg.steps):
-    host_batch = batch_at(step, state["trainable"]) if batch_uses_state else batch_at(step)
-    batch = sharding_lib.put_batch(host_batch, mesh)
-    step_rng = jax.random.fold_in(base_rng, step)
-    if step_memory is None:  # jit reuses this compilation for the calls below
-      step_memory = compiled_memory(step_fn.lower(state, frozen, batch, step_rng).compile())
-      size = {k: _human_bytes(v) for k, v in step_memory.items()}
-      print(f"[{name}] compiled train step, per device: peak {size['peak_bytes']} (arguments "
-            f"{size['argument_bytes']}, temporaries {size['temp_bytes']}, outputs "
-            f"{size['output_bytes']}, donated {size['alias_bytes']})", flush=True)
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, frozen, batch, step_rng)
-    metrics = jax.device_get(metrics)
-    step_times.append(time.perf_counter() - t0)
+    # No implicit host<->device copy on the hot path: batches and metrics move explicitly
+    # (device_put / device_get); anything else is an error here, not a silent slowdown.
+    with jax.transfer_guard("disallow"):
+      host_batch = batch_at(step, state["trainable"]) if batch_uses_state else batch_at(step)
+      batch = sharding_lib.put_batch(host_batch, mesh)
+      step_rng = step_key(base_rng, step)
+      if step_memory is None:  # jit reuses this compilation for the calls below
+        step_memory = compiled_memory(step_fn.lower(state, frozen, batch, step_rng).compile())
+        size = {k: _human_bytes(v) for k, v in step_memory.items()}
+        print(f"[{name}] compiled train step, per device: peak {size['peak_bytes']} (arguments "
+              f"{size['argument_bytes']}, temporaries {size['temp_bytes']}, outputs "
+              f"{size['output_bytes']}, donated {size['alias_bytes']})", flush=True)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, frozen, batch, step_rng)
+      metrics = jax.device_get(metrics)
+      step_times.append(time.perf_counter() - t0)
     bad = [k for k in ("loss", "grad_norm", "update_norm") if not np.isfinite(metrics[k])]
     if bad:
       ckpt.close()

@@ -18,6 +18,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb  # noqa: E402
 from perl_jax import checkpoints  # noqa: E402
 from perl_jax import lora as lora_lib  # noqa: E402
 from perl_jax import model as model_lib  # noqa: E402
+from perl_jax import roles  # noqa: E402
 from perl_jax import sampling  # noqa: E402
 from perl_jax.checkpoints import gguf as gguf_lib  # noqa: E402
 from perl_jax.checkpoints import hf  # noqa: E402
@@ -169,9 +170,8 @@ def test_gemma3_270m_q4_k_m_is_a_working_language_model():
 
   @jax.jit
   def perplexity(params):
-    logits = model.apply({"params": params}, tokens, model_lib.positions_from_mask(mask),
-                         model_lib.causal_mask(mask))["logits"]
-    return jnp.exp(-model_lib.sequence_logprobs(logits, tokens).mean())
+    logprobs, _ = roles.token_logprobs(model, {"params": params}, tokens, mask)
+    return jnp.exp(-logprobs.mean())
 
   ppl = float(perplexity(params))
   print(f"perplexity {ppl:.2f} on {len(ids)} tokens (uniform: {cfg.vocab_size})")

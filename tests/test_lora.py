@@ -5,6 +5,7 @@ import pytest
 
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
+from perl_jax import roles
 
 
 def _inputs(cfg, batch=2, length=10, seed=1):
@@ -78,9 +79,7 @@ def test_lora_step_builds_no_backbone_gradient_buffers():
 
     def loss(trainable, frozen, tokens):
       mask = jnp.ones(tokens.shape, bool)
-      out = model.apply({**frozen, **trainable}, tokens, model_lib.positions_from_mask(mask),
-                        model_lib.causal_mask(mask))
-      return model_lib.sequence_logprobs(out["logits"], tokens).mean()
+      return roles.token_logprobs(model, {**frozen, **trainable}, tokens, mask)[0].mean()
 
     compiled = jax.jit(jax.grad(loss)).lower(trainable, frozen, tokens).compile()
     return compiled.memory_analysis()

@@ -8,6 +8,7 @@ import numpy as np
 from perl_jax import common
 from perl_jax import config_base
 from perl_jax import main
+from perl_jax import roles
 from perl_jax import model as model_lib
 from perl_jax import sharding as sharding_lib
 from perl_jax import tokenizer as tokenizer_lib
@@ -40,7 +41,7 @@ def test_a_run_starts_from_the_released_checkpoint(tmp_path):
   assert common.model_cfg(config, 256).qk_norm  # Gemma 3's switches, not the demo preset's
   mesh = sharding_lib.make_mesh({"data": -1})
   model = common.build_model(config, common.model_cfg(config, 256))
-  backbone = common.backbone_for(config, str(tmp_path / "run"), model, mesh)
+  backbone = roles.backbone_for(config, str(tmp_path / "run"), model, mesh)
   np.testing.assert_array_equal(np.asarray(backbone["layer_2"]["attn"]["q"]["kernel"]),
                                 np.asarray(params["layer_2"]["attn"]["q"]["kernel"]))
   # A reward stage on it: LoRA on the released weights, tokenizer from the checkpoint dir.

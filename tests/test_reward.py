@@ -10,6 +10,7 @@ import pytest
 from perl_jax import config_base
 from perl_jax import main
 from perl_jax import reward as reward_lib
+from perl_jax import roles
 from perl_jax import sharding as sharding_lib
 from perl_jax import common
 from perl_jax.tasks import reviews
@@ -65,7 +66,7 @@ def test_reward_model_learns_preferences(tmp_path, rank):
     # The head is trained and saved with the adapter, and loads back onto the backbone.
     tok = common.load_tokenizer(config)
     mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
-    _, variables = reward_lib.load_reward_model(config, str(tmp_path / "run"), tok, mesh)
+    _, variables = roles.load_reward_model(config, str(tmp_path / "run"), tok, mesh)
     head = np.asarray(variables["adapter"]["score_head"]["kernel"])
     assert np.abs(head).max() > 0
     assert os.path.exists(tmp_path / "run" / "reward" / "best.json")

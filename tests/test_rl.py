@@ -8,6 +8,7 @@ from perl_jax import config_base
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import rl
+from perl_jax import roles
 from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
 from perl_jax.data import batching
@@ -76,8 +77,8 @@ def test_policy_started_from_an_sft_adapter_keeps_it_as_the_anchor():
   scored = rl.make_scorer(model, _reward_fn, config.rl, 4, True, -1)(trainable, frozen, {},
                                                                       rollout)
   np.testing.assert_array_equal(np.asarray(scored["kl"]), 0.0)  # anchor = SFT adapter
-  bare, _ = rl.completion_logprobs(model, {"params": backbone}, rollout["tokens"],
-                                   rollout["input_mask"], 4)
+  bare, _ = roles.token_logprobs(model, {"params": backbone}, rollout["tokens"],
+                                 rollout["input_mask"], 4)
   assert float(jnp.abs(bare - scored["anchor_logprobs"]).max()) > 1e-3  # not the bare backbone
 
 

@@ -1,0 +1,68 @@
+"""Token log-probs and entropies from hidden states, without a [B, T, V] logits tensor.
+
+With a 256k vocabulary the logits of a training batch dwarf everything else (16 sequences of 512
+tokens: 8 GiB in f32, times the softmax and its gradient). Here the sequence is cut into chunks of
+about `chunk_tokens` tokens (over the whole batch); a `lax.scan` projects one chunk onto the
+vocabulary, keeps only log p(taken token) (and the entropy when asked) and drops the rest. The
+chunk body is rematerialised, so the backward pass recomputes one chunk's logits at a time: the
+peak is a [B, chunk, V] tensor, set by `chunk_tokens`. Final-logit soft-capping (Gemma 2) is
+applied per chunk exactly as on full logits. The trade is speed: smaller chunks, more loop steps.
+
+This is Tunix's `compute_chunked_logps` / MaxText's vocabulary tiling (sequence chunks with remat)
+in plain JAX; it needs no kernel, so it runs on CPU, GPU and TPU alike.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from perl_jax import model as model_lib
+
+DEFAULT_CHUNK_TOKENS = 1024  # tokens per chunk over the batch: [1024, 262144] f32 is 1 GiB
+
+
+def token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, targets,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, with_entropy: bool = False):
+  """log p(targets[b, t] | hidden[b, t]) as f32 [B, T], and the entropy [B, T] (else None).
+
+  Args:
+    cfg: the model's architecture (output embedding, compute dtype, final soft-cap).
+    params: the backbone (`params` collection) holding the output embedding.
+    hidden: [B, T, d] final hidden states (after the final norm).
+    targets: [B, T] int token ids that `hidden` predicts.
+    chunk_tokens: tokens per chunk over the batch (the sequence chunk is chunk_tokens // B).
+  """
+  batch, length = targets.shape
+  chunk = max(1, min(length, chunk_tokens // max(batch, 1)))
+  pad = (-length) % chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  n = (length + pad) // chunk
+  # [n, B, chunk, ...]: the scan runs over sequence chunks; the batch axis stays whole, so a
+  # batch sharded over devices stays sharded inside every chunk.
+  hidden_chunks = jnp.moveaxis(hidden.reshape(batch, n, chunk, -1), 1, 0)
+  target_chunks = jnp.moveaxis(targets.reshape(batch, n, chunk), 1, 0)
+
+  @jax.checkpoint
+  def one_chunk(h, y):
+    logits = model_lib.logits_of(cfg, params, h)  # [B, chunk, V] f32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    taken = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse
+    if not with_entropy:
+      return taken, None
+    probs = jnp.exp(logits - lse[..., None])
+    return taken, lse - jnp.sum(probs * logits, axis=-1)
+
+  def body(carry, xs):
+    return carry, one_chunk(*xs)
+
+  _, (logp, entropy) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, n * chunk)[:, :length]
+  return unchunk(logp), (unchunk(entropy) if with_entropy else None)
+
+
+def next_token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, tokens,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+  """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): [B, T-1] f32 (the SFT loss)."""
+  return token_logprobs(cfg, params, hidden[:, :-1], tokens[:, 1:], chunk_tokens)[0]
