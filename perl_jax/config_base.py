@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True,
       # Tokens per chunk when computing log-probs from hidden states (perl_jax.logprobs): no
       # step ever holds more than [chunk, vocab] f32 logits. Smaller: less memory, more steps.
-      logprob_chunk_tokens=1024,
+      # 0 = auto: about 256 MiB of f32 logits per chunk (256 tokens at a 262k vocabulary; the
+      # demo's 256-piece vocabulary fits in one chunk).
+      logprob_chunk_tokens=0,
       # Where later stages get the frozen backbone: "" = this workdir's sft stage; a path = the
       # workdir of a finished sft run; "random" = fresh initialisation (for tests and benchmarks).
       backbone="",

@@ -18,11 +18,17 @@ import jax.numpy as jnp
 
 from perl_jax import model as model_lib
 
-DEFAULT_CHUNK_TOKENS = 1024  # tokens per chunk over the batch: [1024, 262144] f32 is 1 GiB
+AUTO_CHUNK_FLOATS = 2 ** 26  # chunk_tokens=0: chunks of about 256 MiB of f32 logits
+
+
+def chunk_tokens_for(vocab_size: int, chunk_tokens: int = 0) -> int:
+  """Tokens per chunk: `chunk_tokens`, or (0) as many as fit 256 MiB of f32 logits (256 tokens
+  at Gemma's 262k vocabulary; a small vocabulary gets one chunk, i.e. no loop)."""
+  return chunk_tokens or max(1, AUTO_CHUNK_FLOATS // vocab_size)
 
 
 def token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, targets,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, with_entropy: bool = False):
+                   chunk_tokens: int = 0, with_entropy: bool = False):
   """log p(targets[b, t] | hidden[b, t]) as f32 [B, T], and the entropy [B, T] (else None).
 
   Args:
@@ -30,9 +36,11 @@ def token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, targets,
     params: the backbone (`params` collection) holding the output embedding.
     hidden: [B, T, d] final hidden states (after the final norm).
     targets: [B, T] int token ids that `hidden` predicts.
-    chunk_tokens: tokens per chunk over the batch (the sequence chunk is chunk_tokens // B).
+    chunk_tokens: tokens per chunk over the batch (the sequence chunk is chunk_tokens // B);
+      0 = `chunk_tokens_for(vocab)`.
   """
   batch, length = targets.shape
+  chunk_tokens = chunk_tokens_for(cfg.vocab_size, chunk_tokens)
   chunk = max(1, min(length, chunk_tokens // max(batch, 1)))
   pad = (-length) % chunk
   if pad:
@@ -63,6 +71,6 @@ def token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, targets,
 
 
 def next_token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, tokens,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                        chunk_tokens: int = 0):
   """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): [B, T-1] f32 (the SFT loss)."""
   return token_logprobs(cfg, params, hidden[:, :-1], tokens[:, 1:], chunk_tokens)[0]

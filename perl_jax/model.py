@@ -73,8 +73,8 @@ class ModelConfig:
   # the per-layer `layer_{i}/` layout that checkpoint loaders and exports use.
   scan_layers: bool = False
   # Tokens (over the batch) per chunk of the log-prob computation (perl_jax.logprobs): the
-  # largest logits tensor any step builds is [chunk, vocab] f32.
-  logprob_chunk_tokens: int = 1024
+  # largest logits tensor any step builds is [chunk, vocab] f32. 0 = about 256 MiB of it.
+  logprob_chunk_tokens: int = 0
 
   def is_local(self, layer: int) -> bool:
     return (self.sliding_window is not None and self.local_global_pattern > 0
