@@ -47,6 +47,8 @@ _EPISODES = flags.DEFINE_integer("episodes", 16, "episodes per RL update")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 256, "RL prompt tokens")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "RL completion tokens")
 _OUT = flags.DEFINE_string("out", "/tmp/perl_memory", "output folder")
+_REMAT = flags.DEFINE_bool("remat", True, "rematerialise layers in the backward pass")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "layers under nn.scan (False: unrolled)")
 flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,8,1; reports per-device bytes")
 
 
@@ -57,20 +59,30 @@ def main(argv):
   mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.AXES, shape))) if shape else None
   rows = []
   for preset in _PRESETS.value:
-    cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16", remat=True,
-                                 scan_layers=True)
+    cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16",
+                                 remat=_REMAT.value, scan_layers=_SCAN.value)
     for rank in [int(r) for r in _RANKS.value] + ([0] if _WITH_FULL.value else []):
       t0 = time.perf_counter()
       rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)
       rl = memory.rl_step_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,
                                  _NEW_TOKENS.value, mesh=mesh)
+      gib = lambda b: b / memory.GiB
       row = {"preset": preset, "mesh": "x".join(map(str, shape)) if shape else "1",
              "lora_rank": rank or "full",
              "rm_trainable_params": rm["trainable_params"], "rm_total_params": rm["total_params"],
-             "rm_step_peak_gib": rm["peak_bytes"] / memory.GiB,
+             "rm_step_peak_gib": gib(rm["peak_bytes"]),
              "rl_trainable_params": rl["trainable_params"],
-             "rl_step_total_gib": rl["total_bytes"] / memory.GiB,
+             "rl_step_total_gib": gib(rl["total_bytes"]),
              "compile_s": time.perf_counter() - t0}
+      for name, stats in (("rm", rm), ("rl", rl)):  # the breakdown, per device
+        row.update({f"{name}_weights_gib": gib(stats["weights_bytes"]),
+                    f"{name}_optimizer_gib": gib(stats["optimizer_bytes"]),
+                    f"{name}_adapter_gib": gib(stats["adapter_bytes"]),
+                    f"{name}_temp_gib": gib(stats["temp_bytes"]),
+                    f"{name}_largest": "; ".join(stats["largest_buffers"][:3]),
+                    f"{name}_analytic_gib": gib(stats["analytic"]["total"]),
+                    f"{name}_analytic": {k: round(gib(v), 3) for k, v in
+                                         stats["analytic"].items()}})
       rows.append(row)
       print(row, flush=True)
   for row in rows:
@@ -89,6 +101,17 @@ def main(argv):
                  f"{100 * r['rm_trainable_params'] / r['rm_total_params']:.3f} | "
                  f"{r['rm_step_peak_gib']:.1f} | {r['rm_vs_full']:.2f} | "
                  f"{r['rl_step_total_gib']:.1f} | {r['rl_vs_full']:.2f} |")
+  lines += ["", "Breakdown (GiB per device; XLA = compiled peak, analytic = memory.analytic_bytes "
+            "for one device, unsharded):", "",
+            "| preset | rank | step | weights | optimizer | adapters | XLA temporaries | XLA peak "
+            "| analytic | largest buffers |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    for name in ("rm", "rl"):
+      peak = r["rm_step_peak_gib"] if name == "rm" else r["rl_step_total_gib"]
+      lines.append(f"| {r['preset']} | {r['lora_rank']} | {name} | {r[f'{name}_weights_gib']:.2f} "
+                   f"| {r[f'{name}_optimizer_gib']:.3f} | {r[f'{name}_adapter_gib']:.4f} "
+                   f"| {r[f'{name}_temp_gib']:.2f} | {peak:.2f} "
+                   f"| {r[f'{name}_analytic_gib']:.2f} | {r[f'{name}_largest']} |")
   table = "\n".join(lines)
   with open(os.path.join(_OUT.value, "memory.md"), "w") as f:
     f.write(table + "\n")

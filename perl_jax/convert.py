@@ -20,6 +20,7 @@ trainable/policy/adapter is used; --adapter_key picks another subtree) or a PEFT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -68,7 +69,8 @@ def load_adapter(path: str, key: str | None = None, cfg: model_lib.ModelConfig |
               if not prefix or p.startswith(prefix + "/")}
     if chosen:
       arrays = checkpoints.restore_orbax_leaves(path, chosen)
-      return lora_lib.unflatten(arrays), None
+      # A run's adapter in the scanned layout (model.scan_layers) -> the per-layer one.
+      return model_lib.unstack_layers(lora_lib.unflatten(arrays)), None
   raise ValueError(f"{path} holds no LoRA factors (lora_a / lora_b) under "
                    f"{' or '.join(repr(k or '<root>') for k in keys)}; its arrays look like "
                    f"{', '.join(list(leaves)[:5])}")
@@ -84,6 +86,11 @@ def load_backbone(src: str, preset: str | None, dtype: str | None):
       raise ValueError(f"{src} has no embedder/input_embedding: is it a perl_jax backbone tree?")
     cfg = model_lib.model_config(preset, vocab_size=vocab, param_dtype=dtype or "float32")
     abstract = hf.abstract_params(cfg)
+    scanned = any(p.startswith(model_lib.SCANNED + "/") for p in leaves)
+    if scanned:  # a run's backbone in the scanned layout (model.scan_layers): unstacked below
+      scanned_model = model_lib.build(dataclasses.replace(cfg, scan_layers=True))
+      abstract = lora_lib.flatten(jax.eval_shape(
+          lambda: model_lib.init_variables(scanned_model, jax.random.key(0)))["params"])
     expected, found = set(abstract), set(leaves)
     if expected != found:
       raise ValueError(f"{src} does not match preset {preset!r}: missing "
@@ -92,7 +99,7 @@ def load_backbone(src: str, preset: str | None, dtype: str | None):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = lora_lib.unflatten({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
                                  for p, s in abstract.items()})
-    return cfg, checkpoint_lib.load_tree(src, target), None, None
+    return cfg, model_lib.unstack_layers(checkpoint_lib.load_tree(src, target)), None, None
   cfg, params, tokenizer = checkpoints.load_checkpoint(src, dtype=dtype)
   base = None
   if os.path.isdir(src):

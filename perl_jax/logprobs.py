@@ -59,8 +59,8 @@ def token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, targets,
     taken = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse
     if not with_entropy:
       return taken, None
-    probs = jnp.exp(logits - lse[..., None])
-    return taken, lse - jnp.sum(probs * logits, axis=-1)
+    logp = logits - lse[..., None]
+    return taken, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
   def body(carry, xs):
     return carry, one_chunk(*xs)

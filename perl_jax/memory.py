@@ -8,11 +8,13 @@ copy of the weights per trained role, Adam states for each.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from perl_jax import logprobs as logprobs_lib
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import reward as reward_lib
@@ -34,7 +36,55 @@ def _compiled_stats(step, state, frozen, batch, mesh=None) -> dict:
     jitted = jax.jit(step, donate_argnums=(0,))
   else:
     jitted = train_lib.sharded_train_step(step, mesh, state, frozen)[0]
-  return train_lib.compiled_memory(jitted.lower(state, frozen, batch, rng).compile())
+  compiled = jitted.lower(state, frozen, batch, rng).compile()
+  stats = train_lib.compiled_memory(compiled)
+  stats["largest_buffers"] = largest_buffers(compiled.as_text())
+  return stats
+
+
+_SHAPE = re.compile(r"\b(pred|s8|u8|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "f64": 8}
+
+
+def largest_buffers(hlo_text: str, top: int = 4) -> list[str]:
+  """The largest array shapes the optimised HLO produces (a pointer to what dominates the
+  temporaries: XLA's buffer assignment itself is not exposed by the compiled object)."""
+  sizes = {}
+  for line in hlo_text.splitlines():
+    if "=" not in line or line.lstrip().startswith(("ROOT tuple", "//")):
+      continue
+    match = _SHAPE.search(line.split("=", 1)[1])
+    if match:
+      dims = [int(d) for d in match.group(2).split(",") if d]
+      sizes[f"{match.group(1)}[{','.join(map(str, dims))}]"] = (
+          math.prod(dims) * _ITEMSIZE[match.group(1)])
+  ranked = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+  return [f"{shape} {size / 2 ** 20:.0f} MiB" for shape, size in ranked]
+
+
+def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, trainable: int,
+                   total: int, passes: int = 1, logit_tokens: int = 0,
+                   full_copies: int = 0) -> dict:
+  """A count by hand of one train step's memory on an accelerator (bf16 matmuls native).
+
+  weights: the backbone in param_dtype (plus `full_copies` trained copies under full tuning);
+  optimizer: Adam moments and the gradient in the trainable leaves' dtype; saved: the layer
+  inputs that scan + remat keeps for the backward pass, per differentiated forward (`passes`);
+  layer: the working set of one layer recomputed and differentiated (f32 attention scores,
+  probabilities and their gradient; the MLP's gate, up, activation and their gradients);
+  logits: one chunk of f32 logits, its softmax and gradient (log-prob steps only).
+  """
+  act = jnp.dtype(cfg.dtype).itemsize
+  param = jnp.dtype(cfg.param_dtype).itemsize
+  tokens = sequences * seq_len
+  out = {"weights": total * param, "optimizer": 3 * trainable * (4 if full_copies == 0 else param),
+         "saved": passes * cfg.num_layers * tokens * cfg.d_model * act,
+         "layer": (3 * sequences * cfg.num_heads * seq_len * seq_len * 4
+                   + 6 * tokens * cfg.mlp_dim * act),
+         "logits": 3 * logit_tokens * cfg.vocab_size * 4}
+  out["total"] = sum(out.values())
+  return out
 
 
 def _optimizer():
@@ -65,7 +115,12 @@ def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: 
   stats = _compiled_stats(step, state, frozen, batch, mesh)
   stats.update(trainable_params=lora_lib.count_params(trainable),
                total_params=lora_lib.count_params(variables),
-               weights_bytes=_bytes(variables), optimizer_bytes=_bytes(state["opt_state"]))
+               weights_bytes=_bytes(variables), optimizer_bytes=_bytes(state["opt_state"]),
+               adapter_bytes=_bytes(variables.get(lora_lib.ADAPTER, {})))
+  stats["analytic"] = analytic_bytes(cfg, 2 * batch_pairs, seq_len, stats["trainable_params"],
+                                     stats["total_params"] - (stats["trainable_params"]
+                                                              if lora_rank else 0),
+                                     full_copies=0 if lora_rank else 1)
   return stats
 
 
@@ -116,5 +171,15 @@ def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, pr
                             jax.tree_util.tree_leaves(sharding_lib.tree_shardings(resident, mesh))))
   stats.update(reward_model_bytes=rm_resident, total_bytes=stats["peak_bytes"] + rm_resident,
                trainable_params=lora_lib.count_params(trainable),
-               optimizer_bytes=_bytes(state["opt_state"]))
+               weights_bytes=_bytes(frozen) + (_bytes(trainable) if full else 0),
+               optimizer_bytes=_bytes(state["opt_state"]),
+               adapter_bytes=0 if full else _bytes(trainable))
+  backbone_params = lora_lib.count_params(backbone)
+  passes = 2 if algorithm != "rloo" else 1  # policy log-probs, value scores
+  # Full RLHF: anchor + trained policy and value copies + the reward model copy.
+  stats["analytic"] = analytic_bytes(
+      cfg, episodes, seq, stats["trainable_params"],
+      backbone_params * (4 if full else 1), passes,
+      logit_tokens=logprobs_lib.chunk_tokens_for(cfg.vocab_size, cfg.logprob_chunk_tokens),
+      full_copies=2 if full else 0)
   return stats

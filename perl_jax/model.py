@@ -467,7 +467,16 @@ def unstack_layers(tree: dict) -> dict:
 
 def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
                    score_head: bool = False):
-  """{"params": backbone, "adapter": LoRA (+ score head)} for `model`."""
+  """{"params": backbone, "adapter": LoRA (+ score head)} for `model`.
+
+  A scanned model gets its unrolled twin's values, stacked: the same seed gives the same weights
+  in either layout (a run's numbers do not depend on model.scan_layers)."""
+  if model.cfg.scan_layers:
+    twin = Transformer(dataclasses.replace(model.cfg, scan_layers=False), model.lora,
+                       frozenset(f"layer_{i}/{path.split('/', 1)[1]}" for path in model.lora_targets
+                                 for i in range(model.cfg.num_layers)))
+    variables = init_variables(twin, rng, batch, length, score_head)
+    return {k: stack_layers(v, model.cfg.num_layers) for k, v in variables.items()}
   tokens = jnp.zeros((batch, length), jnp.int32)
   mask = jnp.ones((batch, length), bool)
   return model.init({"params": rng}, tokens, positions_from_mask(mask), causal_mask(mask),

@@ -85,10 +85,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ac
   return train_step
 
 
-def step_key(base_rng, step: int):
-  """The step's random key, fold_in(base_rng, step), with the step put on the device
-  explicitly (the train loop runs under jax.transfer_guard("disallow"))."""
-  return jax.random.fold_in(base_rng, jax.device_put(np.uint32(step)))
+def step_key(base_rng, step: int, mesh):
+  """The step's random key, fold_in(base_rng, step), replicated over `mesh`; the step and the
+  key move explicitly (the train loop runs under jax.transfer_guard("disallow"))."""
+  key = jax.random.fold_in(base_rng, jax.device_put(np.uint32(step)))
+  return jax.device_put(key, sharding_lib.replicated(mesh))
 
 
 def sharded_train_step(train_step, mesh, state, frozen):
@@ -191,7 +192,7 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
     with jax.transfer_guard("disallow"):
       host_batch = batch_at(step, state["trainable"]) if batch_uses_state else batch_at(step)
       batch = sharding_lib.put_batch(host_batch, mesh)
-      step_rng = step_key(base_rng, step)
+      step_rng = step_key(base_rng, step, mesh)
       if step_memory is None:  # jit reuses this compilation for the calls below
         step_memory = compiled_memory(step_fn.lower(state, frozen, batch, step_rng).compile())
         size = {k: _human_bytes(v) for k, v in step_memory.items()}

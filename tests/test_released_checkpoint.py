@@ -42,6 +42,7 @@ def test_a_run_starts_from_the_released_checkpoint(tmp_path):
   mesh = sharding_lib.make_mesh({"data": -1})
   model = common.build_model(config, common.model_cfg(config, 256))
   backbone = roles.backbone_for(config, str(tmp_path / "run"), model, mesh)
+  backbone = model_lib.unstack_layers(backbone)  # runs keep layers stacked (model.scan_layers)
   np.testing.assert_array_equal(np.asarray(backbone["layer_2"]["attn"]["q"]["kernel"]),
                                 np.asarray(params["layer_2"]["attn"]["q"]["kernel"]))
   # A reward stage on it: LoRA on the released weights, tokenizer from the checkpoint dir.

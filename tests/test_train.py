@@ -127,3 +127,14 @@ def test_full_finetuning_trains_at_its_own_learning_rate():
   full = common.optim_for(optim_cfg, full_finetune=True)
   assert full.lr == optim_cfg.full_lr < optim_cfg.lr
   assert optim_cfg.lr == 3e-3  # the LoRA setting is left as it was
+
+
+def test_the_train_loop_refuses_hidden_host_device_copies(tmp_path):
+  """Batches on device pass through untouched; an implicit host->device copy inside the loop
+  (here a Python scalar multiplied into a device batch) is an error, not a silent slowdown."""
+  batch_at = _problem()[1]
+  on_device = lambda step: jax.device_put(batch_at(step))  # explicit: allowed
+  assert _fit(tmp_path / "ok", on_device, steps=2)["steps"] == 2
+  hidden_copy = lambda step: {**on_device(step), "scale": on_device(step)["scale"] * 2.0}
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    _fit(tmp_path / "bad", hidden_copy, steps=2)
