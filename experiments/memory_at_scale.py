@@ -7,9 +7,14 @@ allocated; XLA's memory_analysis of the same jitted steps the stages run).
 Writes memory.csv and memory.md in --out. With --mesh=DATA,FSDP,TENSOR (e.g. 1,8,1) the steps are
 compiled with the training shardings and the figures are per device (devices are simulated on a
 CPU host). bf16 backbone, f32 adapters, AdamW; reward batch 8
-pairs x 512 tokens; RL 16 episodes of 256 prompt + 256 new tokens (change with flags). Full
-fine-tuning keeps bf16 weights with f32 Adam moments. XLA's CPU compiler is used unless a GPU/TPU
-is present; its buffer assignment is close to, not identical to, the accelerator's.
+pairs x 512 tokens; RL 16 episodes of 256 prompt + 256 new tokens (change with flags); layers
+under nn.scan with remat (--noscan_layers / --noremat to compare). Full fine-tuning gets the same
+scan, remat, chunked log-probs and attention, and keeps bf16 weights, bf16 gradients and Adam
+moments in the weights' dtype (bf16; no f32 master copy): a lean baseline, so LoRA/full ratios
+are conservative. XLA's CPU compiler is used unless a GPU/TPU
+is present; its buffer assignment is close to, not identical to, the accelerator's: the CPU
+compiler runs bf16 matmuls in f32 and hoists the f32 copies of every layer's kernels out of the
+layer scan (the `f32[L, ...]` entries of the "largest buffers" column), which no GPU/TPU does.
 """
 import csv
 import math
@@ -101,8 +106,8 @@ def main(argv):
                  f"{100 * r['rm_trainable_params'] / r['rm_total_params']:.3f} | "
                  f"{r['rm_step_peak_gib']:.1f} | {r['rm_vs_full']:.2f} | "
                  f"{r['rl_step_total_gib']:.1f} | {r['rl_vs_full']:.2f} |")
-  lines += ["", "Breakdown (GiB per device; XLA = compiled peak, analytic = memory.analytic_bytes "
-            "for one device, unsharded):", "",
+  lines += ["", "Breakdown (GiB). weights, optimizer, adapters and analytic (memory.analytic_bytes)"
+            " count the whole model, unsharded; the XLA columns are per device of --mesh:", "",
             "| preset | rank | step | weights | optimizer | adapters | XLA temporaries | XLA peak "
             "| analytic | largest buffers |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -50,9 +50,14 @@ _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 
 def largest_buffers(hlo_text: str, top: int = 4) -> list[str]:
   """The largest array shapes the optimised HLO produces (a pointer to what dominates the
   temporaries: XLA's buffer assignment itself is not exposed by the compiled object)."""
-  sizes = {}
+  sizes, in_fusion = {}, False
   for line in hlo_text.splitlines():
-    if "=" not in line or line.lstrip().startswith(("ROOT tuple", "//")):
+    if line.rstrip().endswith("{") and not line.startswith(" "):  # a computation starts
+      # Values inside a fusion are computed element by element, never stored whole.
+      in_fusion = "fused" in line.split("(", 1)[0] or "wrapped" in line.split("(", 1)[0]
+      continue
+    if (in_fusion or "=" not in line or " parameter(" in line
+        or line.lstrip().startswith(("ROOT tuple", "//"))):
       continue
     match = _SHAPE.search(line.split("=", 1)[1])
     if match:
