@@ -69,8 +69,3 @@ def token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, targets,
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, n * chunk)[:, :length]
   return unchunk(logp), (unchunk(entropy) if with_entropy else None)
 
-
-def next_token_logprobs(cfg: model_lib.ModelConfig, params: dict, hidden, tokens,
-                        chunk_tokens: int = 0):
-  """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): [B, T-1] f32 (the SFT loss)."""
-  return token_logprobs(cfg, params, hidden[:, :-1], tokens[:, 1:], chunk_tokens)[0]

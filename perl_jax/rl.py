@@ -254,7 +254,8 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
                                       "mask": np.repeat(prompts["mask"], k, axis=0)}, mesh)
     t0 = time.perf_counter()
     rollout = sampling.sample(model, policy_variables(trainable, frozen), prompts["tokens"],
-                              prompts["mask"], train_lib.step_key(rollout_key, step, mesh), sample_cfg)
+                              prompts["mask"], train_lib.step_key(rollout_key, step, mesh),
+                              sample_cfg)
     jax.block_until_ready(rollout)
     t1 = time.perf_counter()
     batch = update_batch(rollout, score(trainable, frozen, reward_variables, rollout))
