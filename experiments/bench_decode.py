@@ -16,6 +16,7 @@ other, see bench_common.THREADS_NOTE). Tokens/s counts generated tokens (batch x
 
 Writes decode.csv and decode.md in --out and prints the table.
 """
+import dataclasses
 import os
 import sys
 
@@ -34,6 +35,8 @@ _SAMPLE = flags.DEFINE_bool("sample", False, "also time temperature-1 sampling")
 _THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
                              "torch intra-op thread counts to time the peer at (0 = every core)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and prompts")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "perl_jax layers under nn.scan (the run "
+                          "configs' default; the stacked KV cache is then scanned too)")
 
 
 def main(argv):
@@ -52,10 +55,13 @@ def main(argv):
   batch, prompt_len, new = _BATCH.value, _PROMPT_LEN.value, _NEW.value
   hf = bc.build_hf_causal_lm(_SEED.value)
   cfg = bc.perl_config()
+  params = bc.hf_to_perl_params(hf, cfg)
+  if _SCAN.value:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    params = model_lib.stack_layers(params, cfg.num_layers)
   model = model_lib.build(cfg)
   variables = bc.with_backbone(
-      jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0))),
-      bc.hf_to_perl_params(hf, cfg))
+      jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0))), params)
   prompts = bc.random_tokens(np.random.default_rng(_SEED.value), (batch, prompt_len))
   logit_diff = bc.max_logit_diff(hf, model, variables, prompts)
   print(f"max |logits_hf - logits_perl_jax| = {logit_diff:.2e}", flush=True)

@@ -226,7 +226,13 @@ class Attention(_Lora):
     q = q * (cfg.query_pre_attn_scalar or hd) ** -0.5
 
     start = 0 if cache is None else cache_index
-    if cache is not None:
+    if cache is not None and "layer" in cache:  # scanned: this layer's slot of [L, B, S, K, D]
+      layer = cache["layer"]
+      write = lambda c, new: jax.lax.dynamic_update_slice(
+          c, new.astype(c.dtype)[None], (layer, 0, start, 0, 0))
+      cache = {"k": write(cache["k"], k), "v": write(cache["v"], v), "layer": layer}
+      k, v = cache["k"][layer], cache["v"][layer]
+    elif cache is not None:
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
       cache = {"k": k, "v": v}
@@ -288,6 +294,22 @@ class Block(nn.Module):
     return x + h, cache
 
 
+class ScannedBlock(Block):
+  """The layer body under nn.scan. The stacked KV cache [L, B, S, K, D] rides in the carry with
+  the layer index, and attention writes the new keys and values into its layer's slot in place;
+  as a scanned output it would be a fresh copy of the whole cache at every token."""
+
+  def __call__(self, carry, is_local, positions, attn_mask, cache_index, deterministic):
+    x, cache, layer = carry
+    if cache is not None:
+      cache = {**cache, "layer": layer}
+    x, cache = super().__call__(x, is_local, positions, attn_mask, cache, cache_index,
+                                deterministic)
+    if cache is not None:
+      cache = {"k": cache["k"], "v": cache["v"]}
+    return (x, cache, layer + 1), None
+
+
 class ScoreHead(nn.Module):
   """Scalar head (reward or value) per position; its params live in the adapter collection."""
 
@@ -329,18 +351,18 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)
     if cfg.embed_scale:
       x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
-    block = Block
-    if cfg.remat:  # argument 7 (self is 0) is `deterministic`, a Python bool
-      block = nn.remat(Block, static_argnums=(7,), prevent_cse=not cfg.scan_layers,
-                       policy=remat_policy(cfg.remat_policy))
+    block = ScannedBlock if cfg.scan_layers else Block
+    if cfg.remat:  # the last argument (`deterministic`, a Python bool) is static; self is 0
+      block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),
+                       prevent_cse=not cfg.scan_layers, policy=remat_policy(cfg.remat_policy))
     flags = [cfg.is_local(i) for i in range(cfg.num_layers)]
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0, lora_lib.ADAPTER: 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_layers)
-      x, new_cache = scanned(cfg, SCANNED, self.lora, self.lora_targets, name=SCANNED)(
-          x, jnp.asarray(flags), positions, attn_mask, cache, cache_index, deterministic)
+      (x, new_cache, _), _ = scanned(cfg, SCANNED, self.lora, self.lora_targets, name=SCANNED)(
+          (x, cache, 0), jnp.asarray(flags), positions, attn_mask, cache_index, deterministic)
     else:
       new_cache = {} if cache is not None else None
       for i in range(cfg.num_layers):
