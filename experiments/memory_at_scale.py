@@ -9,9 +9,8 @@ compiled with the training shardings and the figures are per device (devices are
 CPU host). bf16 backbone, f32 adapters, AdamW; reward batch 8
 pairs x 512 tokens; RL 16 episodes of 256 prompt + 256 new tokens (change with flags); layers
 under nn.scan with remat (--noscan_layers / --noremat to compare). Full fine-tuning gets the same
-scan, remat, chunked log-probs and attention, and keeps bf16 weights, bf16 gradients and Adam
-moments in the weights' dtype (bf16; no f32 master copy): a lean baseline, so LoRA/full ratios
-are conservative. XLA's CPU compiler is used unless a GPU/TPU
+scan, remat, chunked log-probs and attention blocks, and keeps bf16 weights and gradients with
+f32 Adam moments (train.in_float32), no f32 master copy. XLA's CPU compiler is used unless a GPU/TPU
 is present; its buffer assignment is close to, not identical to, the accelerator's: the CPU
 compiler runs bf16 matmuls in f32 and hoists the f32 copies of every layer's kernels out of the
 layer scan (the `f32[L, ...]` entries of the "largest buffers" column), which no GPU/TPU does.
@@ -54,6 +53,8 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "RL completion tokens")
 _OUT = flags.DEFINE_string("out", "/tmp/perl_memory", "output folder")
 _REMAT = flags.DEFINE_bool("remat", True, "rematerialise layers in the backward pass")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "layers under nn.scan (False: unrolled)")
+_ATTENTION_CHUNK = flags.DEFINE_integer("attention_chunk", 128, "queries per attention block "
+                                        "(model.attention_chunk; 0 = all at once)")
 flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,8,1; reports per-device bytes")
 
 
@@ -65,7 +66,8 @@ def main(argv):
   rows = []
   for preset in _PRESETS.value:
     cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16",
-                                 remat=_REMAT.value, scan_layers=_SCAN.value)
+                                 remat=_REMAT.value, scan_layers=_SCAN.value,
+                                 attention_chunk=_ATTENTION_CHUNK.value)
     for rank in [int(r) for r in _RANKS.value] + ([0] if _WITH_FULL.value else []):
       t0 = time.perf_counter()
       rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)

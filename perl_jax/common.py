@@ -46,7 +46,8 @@ def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
   m = config.model
   overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                    remat_policy=m.remat_policy, scan_layers=m.scan_layers,
-                   logprob_chunk_tokens=m.logprob_chunk_tokens)
+                   logprob_chunk_tokens=m.logprob_chunk_tokens,
+                   attention_chunk=m.attention_chunk)
   if config.model.checkpoint:
     cfg = _describe_checkpoint(config.model.checkpoint)[0]
     if cfg.vocab_size < vocab_size:

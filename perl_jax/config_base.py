@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
       # 0 = auto: about 256 MiB of f32 logits per chunk (256 tokens at a 262k vocabulary; the
       # demo's 256-piece vocabulary fits in one chunk).
       logprob_chunk_tokens=0,
+      # Queries per attention block: each block's f32 scores [B, heads, chunk, S] are computed,
+      # and recomputed in the backward pass, on their own (exact; soft-cap and sliding window
+      # kept). 0 = all queries at once. Sequences not a multiple of it run as one block.
+      attention_chunk=128,
       # Where later stages get the frozen backbone: "" = this workdir's sft stage; a path = the
       # workdir of a finished sft run; "random" = fresh initialisation (for tests and benchmarks).
       backbone="",

@@ -74,7 +74,8 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
   """A count by hand of one train step's memory on an accelerator (bf16 matmuls native).
 
   weights: the backbone in param_dtype (plus `full_copies` trained copies under full tuning);
-  optimizer: Adam moments and the gradient in the trainable leaves' dtype; saved: the layer
+  optimizer: f32 Adam moments (train.in_float32) and the gradient in the trainable leaves'
+  dtype (f32 adapters; param_dtype under full tuning); saved: the layer
   inputs that scan + remat keeps for the backward pass, per differentiated forward (`passes`);
   layer: the working set of one layer recomputed and differentiated (f32 attention scores,
   probabilities and their gradient; the MLP's gate, up, activation and their gradients);
@@ -83,7 +84,8 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
   act = jnp.dtype(cfg.dtype).itemsize
   param = jnp.dtype(cfg.param_dtype).itemsize
   tokens = sequences * seq_len
-  out = {"weights": total * param, "optimizer": 3 * trainable * (4 if full_copies == 0 else param),
+  grad = 4 if full_copies == 0 else param  # f32 adapters; full tuning: gradients as the weights
+  out = {"weights": total * param, "optimizer": trainable * (8 + grad),
          "saved": passes * cfg.num_layers * tokens * cfg.d_model * act,
          "layer": (3 * sequences * cfg.num_heads * seq_len * seq_len * 4
                    + 6 * tokens * cfg.mlp_dim * act),

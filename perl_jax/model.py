@@ -75,6 +75,9 @@ class ModelConfig:
   # Tokens (over the batch) per chunk of the log-prob computation (perl_jax.logprobs): the
   # largest logits tensor any step builds is [chunk, vocab] f32. 0 = about 256 MiB of it.
   logprob_chunk_tokens: int = 0
+  # Queries per attention block (perl_jax.model.attend): a layer's f32 scores are computed and
+  # rematerialised [B, heads, chunk, S] at a time. 0 = all queries at once.
+  attention_chunk: int = 0
 
   def is_local(self, layer: int) -> bool:
     return (self.sliding_window is not None and self.local_global_pattern > 0
@@ -163,6 +166,31 @@ def softcap(x, cap: float | None):
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def _attend_block(q, k, v, mask, cap):
+  """q [B, T, K, G, D] over keys/values [B, S, K, D] where mask [B, T, S]: [B, T, K, G, D]."""
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+  logits = softcap(logits, cap)
+  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def attend(q, k, v, mask, cap: float | None, chunk: int):
+  """Softmax attention, exact (soft-cap and masks included), in blocks of `chunk` queries.
+
+  Each block's f32 scores [B, K, G, chunk, S] are rematerialised in the backward pass, so a
+  layer never holds all [B, K, G, T, S] of them at once. chunk 0, or T not a multiple of it
+  (decoding), is one block."""
+  t = q.shape[1]
+  if not chunk or t <= chunk or t % chunk:
+    return _attend_block(q, k, v, mask, cap)
+  n = t // chunk
+  blocks = lambda x: jnp.moveaxis(x.reshape((x.shape[0], n, chunk) + x.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda qm: jax.checkpoint(_attend_block)(qm[0], k, v, qm[1], cap),
+                    (blocks(q), blocks(mask)))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape[:2] + out.shape[3:])
+
+
 def remat_policy(name: str):
   policy = getattr(jax.checkpoint_policies, name, None)
   if policy is None or not callable(policy):
@@ -239,18 +267,15 @@ class Attention(_Lora):
     b, t = x.shape[:2]
     s = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
-    logits = softcap(logits, cfg.attn_logit_softcap)
     mask = attn_mask
     if has_local:
       q_slot = start + jnp.arange(t)
       k_slot = jnp.arange(s)
       in_window = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
       mask = mask & (in_window | ~local)[None]
-    logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
-    return self.proj("o", (h, hd), (d,))(out.astype(x.dtype), deterministic), cache
+    out = attend(qg, k.astype(q.dtype), v, mask, cfg.attn_logit_softcap, cfg.attention_chunk)
+    return self.proj("o", (h, hd), (d,))(out.reshape(b, t, h, hd).astype(x.dtype),
+                                         deterministic), cache
 
 
 class MLP(_Lora):

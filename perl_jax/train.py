@@ -40,7 +40,20 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   else:
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+                     in_float32(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2,
+                                            weight_decay=cfg.weight_decay)))
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` with f32 state and arithmetic whatever the leaves' dtype: bf16 weights get f32 Adam
+  moments (optax keeps them in the weights' dtype). No f32 master copy of the weights is kept:
+  the f32 update is added to the bf16 weights by optax.apply_updates. A no-op for f32 leaves."""
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+  def update(updates, state, params=None):
+    return inner.update(f32(updates), state, None if params is None else f32(params))
+
+  return optax.GradientTransformation(lambda params: inner.init(f32(params)), update)
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int,

@@ -137,3 +137,25 @@ def test_rl_and_sft_steps_never_hold_batch_by_sequence_by_vocab_logits():
   stats = train_lib.compiled_memory(compiled)
   # Full SFT of the embedding: its gradient and Adam moments are 3 x 64 MiB on their own.
   assert stats["temp_bytes"] < 0.35 * full_logits, stats
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])  # soft-cap 50, sliding window
+def test_attention_in_query_blocks_equals_attention_at_once(preset):
+  cfg = model_lib.model_config(preset, scan_layers=True, remat=True)
+  model = model_lib.build(cfg, 4)
+  blocked = model_lib.build(dataclasses.replace(cfg, attention_chunk=4), 4)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  variables[lora_lib.ADAPTER] = jax.tree.map(lambda x: x + 0.05, variables[lora_lib.ADAPTER])
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  mask = jnp.ones((2, 16), bool).at[0, :3].set(False)
+
+  def logprobs_and_grads(m):
+    fn = lambda adapter: roles.token_logprobs(m, {**variables, lora_lib.ADAPTER: adapter},
+                                              tokens, mask)[0]
+    return fn(variables[lora_lib.ADAPTER]), jax.grad(lambda a: jnp.sum(fn(a)))(
+        variables[lora_lib.ADAPTER])
+
+  (want, want_grads), (got, got_grads) = logprobs_and_grads(model), logprobs_and_grads(blocked)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, float(jnp.abs(w).max())))

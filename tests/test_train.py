@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from perl_jax import checkpoint as checkpoint_lib
@@ -138,3 +139,16 @@ def test_the_train_loop_refuses_hidden_host_device_copies(tmp_path):
   hidden_copy = lambda step: {**on_device(step), "scale": on_device(step)["scale"] * 2.0}
   with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
     _fit(tmp_path / "bad", hidden_copy, steps=2)
+
+
+def test_bf16_weights_get_float32_adam_moments_and_stay_bf16():
+  _, optim_cfg = _cfgs()
+  optimizer = train_lib.make_optimizer(optim_cfg, 10)
+  params = {"w": {"scale": jnp.ones(4, jnp.bfloat16)}}
+  state = optimizer.init(params)
+  dtypes = lambda tree: [x.dtype for x in jax.tree_util.tree_leaves(tree)]
+  assert jnp.bfloat16 not in dtypes(state) and jnp.float32 in dtypes(state)
+  updates, new_state = optimizer.update({"w": {"scale": jnp.full(4, 0.5, jnp.bfloat16)}}, state,
+                                        params)
+  assert dtypes(new_state) == dtypes(state)  # the jitted step's state keeps its dtypes
+  assert optax.apply_updates(params, updates)["w"]["scale"].dtype == jnp.bfloat16
