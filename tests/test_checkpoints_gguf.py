@@ -118,6 +118,8 @@ def test_synthetic_gguf_undoes_llama_cpp_conventions(preset, arch, tmp_path):
   _write_gguf(path, cfg, params, arch, quantise=(quantised,))
   loaded_cfg, loaded, tok = checkpoints.load_checkpoint(path)
   assert loaded_cfg == cfg
+  described_cfg, described_tok = checkpoints.describe(path)  # metadata only, no tensor read
+  assert described_cfg == cfg and described_tok.encode("a b") == tok.encode("a b")
   want, got = lora_lib.flatten(params), lora_lib.flatten(loaded)
   assert want.keys() == got.keys()
   for p in want:

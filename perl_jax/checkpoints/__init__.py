@@ -78,7 +78,8 @@ def load_checkpoint(path: str, mesh=None, dtype: str | None = "float32"
 
 def describe(path: str) -> tuple[model_lib.ModelConfig, tokenizer_lib.Tokenizer | None]:
   """(ModelConfig, tokenizer or None) of `path` without loading its weights where the format
-  allows it (transformers and converted dirs); other formats are loaded on the first device."""
+  allows it (transformers, converted dirs, GGUF); Gemma Flax trees are loaded on the first
+  device."""
   if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_CONFIG)):
     tokenizer = None
     if os.path.exists(os.path.join(path, TOKENIZER)):
@@ -90,6 +91,10 @@ def describe(path: str) -> tuple[model_lib.ModelConfig, tokenizer_lib.Tokenizer 
     return read_converted_config(path), tokenizer
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
     return hf.config_from_hf(hf.read_config(path)), hf.load_tokenizer(path)
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    return gguf_lib.describe(path)
+  if path in gguf_lib.PACKAGES:
+    return gguf_lib.describe(gguf_lib.package_path(path))
   cfg, _, tokenizer = load_checkpoint(path)
   return cfg, tokenizer
 

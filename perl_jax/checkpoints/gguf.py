@@ -143,6 +143,17 @@ def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
           .reshape(weight.shape))
 
 
+def describe(path: str, dtype: str = "float32", tokenizer_path: str | None = None
+             ) -> tuple[model_lib.ModelConfig, tokenizer_lib.Tokenizer | None]:
+  """(ModelConfig, tokenizer or None) of a .gguf file from its metadata: no tensor is read."""
+  import gguf
+  import jax.numpy as jnp
+  reader = gguf.GGUFReader(path)
+  shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+  return (config_from_gguf(metadata(reader), shapes, jnp.dtype(dtype).name),
+          tokenizer_from_reader(reader, path, tokenizer_path))
+
+
 def load(path: str, mesh=None, dtype: str = "float32", tokenizer_path: str | None = None
          ) -> tuple[model_lib.ModelConfig, dict, tokenizer_lib.Tokenizer | None]:
   """(ModelConfig, params, tokenizer or None) of a .gguf file, params dequantised to `dtype` and
