@@ -13,6 +13,28 @@ The task (config.task, see perl_jax/tasks) supplies SFT pairs, RL prompts and a 
 import ml_collections
 
 
+def parse_arg(arg: str, **defaults):
+  """A config file's `:arg` as fields, big_vision style: "hh_harmless,small" or "small,steps=5".
+
+  `defaults` names every accepted field and its default (its type converts the value); a bare
+  word sets a bool field to True, or else is the value of the first field.
+  """
+  fields = dict(defaults)
+  names = list(defaults)
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, _, value = part.partition("=")
+    if not _:
+      if isinstance(defaults.get(key), bool):
+        fields[key] = True
+        continue
+      key, value = names[0], part
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {names}")
+    kind = type(defaults[key])
+    fields[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return ml_collections.ConfigDict(fields)
+
+
 def optim(lr: float, warmup_steps: int = 20, full_lr: float = 0.0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lr=lr,  # peak learning rate
@@ -35,6 +57,11 @@ def train(steps: int, batch_size: int) -> ml_collections.ConfigDict:
       eval_every=100,  # held-out evaluation every N steps (and at the end); 0 = only at the end
       checkpoint_every=100,  # orbax checkpoint every N steps (and at the end)
       keep_checkpoints=2,  # how many recent checkpoints to keep
+      # Stop (naming the last good checkpoint) when for this many consecutive steps the model is
+      # stuck (gradient norm 0 and the loss unchanged: a saturated, diverged model) or the
+      # stage's collapse test holds (reward: train accuracy 0, every pair tied). 0 = off.
+      # NaN/inf losses and gradients always stop at once.
+      stop_if_stuck=10,
   ))
 
 
@@ -43,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "reviews"  # a perl_jax/tasks module: "reviews" (the demo) or "taskmaster"
   c.stages = ("sft", "prefs", "reward", "rl", "report")  # run in order; each writes to WORKDIR/<stage>
   c.seed = 0
+  # Accept a changed stage identity in an existing workdir (e.g. train.steps raised to train
+  # longer, or an edited data file) and record the change in the stage's identity.json. False:
+  # such a run is refused with the differing fields named (see README "Workdirs and resuming").
+  c.allow_config_change = False
 
   c.model = ml_collections.ConfigDict(dict(
       preset="demo",  # a key of perl_jax.model.PRESETS
@@ -93,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_len=64,
       prompt_len=16,  # left-padded prompt length for sampling (longer prompts lose their middle)
       manual_dir="",  # the task's published files, for tasks that read them (taskmaster)
+      # Train on what could be read from a file that stops being readable part-way (a truncated
+      # or corrupt file); False: such a file fails the stage, naming it and the rows lost.
+      allow_partial=False,
   ))
   c.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=48,  # completion length
@@ -128,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
           train_split="train",
           eval_split="test",
           max_eval_rows=2048,  # evaluate on at most this many held-out rows
+          # Train on what could be read from a file that stops being readable part-way;
+          # False: such a file fails the stage, naming it and the rows lost.
+          allow_partial=False,
       )),
       margin=0.0,  # Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)
       # Pointwise 0/1 data: weight the BCE so each label carries half of the loss (for
