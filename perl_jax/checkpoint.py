@@ -6,10 +6,14 @@ position, the base model's identity, anything else a stage wants to find again).
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from perl_jax import errors
 
 
 class Checkpointer:
@@ -28,14 +32,40 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores onto the shapes, dtypes and shardings of `abstract_state`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    """Restores onto the shapes, dtypes and shardings of `abstract_state`.
+
+    Without `step`, the latest readable checkpoint: one that fails to restore (cut by a kill or
+    a full disk) is moved to DIRECTORY.corrupt/ with a warning and the previous one is tried.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                              meta=ocp.args.JsonRestore())
+    if step is not None:
+      restored = self.manager.restore(step, args=args)
+      return restored["state"], restored["meta"]
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    for candidate in steps:
+      try:
+        restored = self.manager.restore(candidate, args=args)
+        return restored["state"], restored["meta"]
+      except Exception as e:  # orbax raises many kinds for a damaged step
+        reason = " ".join(str(e).split())[:200]
+        moved = self._set_aside(candidate)
+        print(f"WARNING: checkpoint step {candidate} in {self.directory} cannot be read "
+              f"({type(e).__name__}: {reason}); moved to {moved}, trying the previous one",
+              flush=True)
+    raise errors.WorkdirMismatch(f"no readable checkpoint in {self.directory} (steps {steps} "
+                                 f"were damaged and moved to {self.directory}.corrupt)")
+
+  def _set_aside(self, step: int) -> str:
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    self.manager.reload()
+    return target
 
   def close(self):
     self.manager.close()

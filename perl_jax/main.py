@@ -2,12 +2,18 @@
 
 Runs the stages listed in `config.stages` in order, each in its own subfolder of the workdir, and
 writes DIR/summary.json with every stage's final metrics and the resolved config. Re-running the
-same command resumes each stage from its last checkpoint.
+same command resumes each stage from its last checkpoint; a stage that finished with the same
+identity (perl_jax.identity) is skipped and keeps its results.
+
+Errors a user can fix (perl_jax.errors: config, workdir, data) print one line and exit with code
+2, a training run stopped on a NaN or a stuck loss with code 3; --verbose adds the traceback.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import sys
 import time
 
 import jax
@@ -15,6 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from perl_jax import common
+from perl_jax import errors
+from perl_jax import identity
 from perl_jax import sharding as sharding_lib
 from perl_jax import prefs
 from perl_jax import report
@@ -22,6 +30,7 @@ from perl_jax import reward
 from perl_jax import rl
 from perl_jax import sft
 from perl_jax import train as train_lib
+from perl_jax import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                           lock_config=True)
@@ -29,16 +38,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first: one process per host of a "
     "multi-host TPU pod slice or GPU cluster (coordinator and ranks from the environment).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Print the full traceback of config, data and workdir errors too (they "
+    "are otherwise one line).")
 
 STAGES = {"sft": sft.run, "prefs": prefs.run, "reward": reward.run, "rl": rl.run, "report": report.run}
 
 
 def run(config, workdir: str) -> dict:
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"unknown stages {unknown} in config.stages; known: {sorted(STAGES)}")
-  os.makedirs(workdir, exist_ok=True)
+  """Runs config.stages in `workdir`; raises errors.UserError subclasses for fixable problems."""
   jax.config.update("jax_threefry_partitionable", True)
+  validate.check(config, workdir)  # before any work: every problem at once, one line each
+  os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   print(f"perl_jax: {len(jax.devices())} {jax.devices()[0].platform} device(s), mesh "
         f"{dict(mesh.shape)}, stages {list(config.stages)}, workdir {workdir}", flush=True)
@@ -47,16 +58,88 @@ def run(config, workdir: str) -> dict:
   # Earlier runs in this workdir (e.g. of other stages) keep their results.
   previous = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
   summary = {"config": config.to_dict(), "stages": previous.get("stages", {})}
-  for stage in config.stages:
-    t0 = time.perf_counter()
-    result = STAGES[stage](config, workdir, mesh, writer)
-    result["wall_time_s"] = time.perf_counter() - t0
-    summary["stages"][stage] = result
-    summary.update({k: v for k, v in result.items() if not k.startswith("samples")})
-    common.write_json(summary_path, summary)
-    print(f"[{stage}] done in {result['wall_time_s']:.1f}s", flush=True)
-  writer.close()
+  try:
+    for stage in config.stages:
+      t0 = time.perf_counter()
+      result = _finished_result(config, workdir, stage)
+      if result is None:
+        result = STAGES[stage](config, workdir, mesh, writer)
+        result["wall_time_s"] = time.perf_counter() - t0
+        if stage in identity.FIELDS:
+          common.write_json(os.path.join(workdir, stage, RESULT), result)
+        print(f"[{stage}] done in {result['wall_time_s']:.1f}s", flush=True)
+      summary["stages"][stage] = result
+      summary.update({k: v for k, v in result.items() if not k.startswith("samples")})
+      common.write_json(summary_path, summary)
+  finally:
+    writer.close()
   return summary
+
+
+RESULT = "result.json"  # a finished stage's results, beside its identity.json
+
+
+def _finished_result(config, workdir: str, stage: str) -> dict | None:
+  """The saved results of `stage` if it finished in `workdir` with this identity, else None
+  (after recording the identity, or refusing a different one: identity.check)."""
+  if stage not in identity.FIELDS:  # report: cheap, always redone
+    return None
+  stage_dir = os.path.join(workdir, stage)
+  status = identity.check(stage_dir, identity.of_stage(config, workdir, stage),
+                          config.allow_config_change)
+  result_path = os.path.join(stage_dir, RESULT)
+  if status == "changed" and os.path.exists(result_path):
+    os.remove(result_path)  # the accepted change is trained on: the old results no longer hold
+  if status != "same" or not os.path.exists(result_path):
+    return None
+  print(f"[{stage}] finished earlier in this workdir with the same config and data: keeping its "
+        f"results (delete {stage_dir} to run it again)", flush=True)
+  return json.load(open(result_path))
+
+
+def _config_field_error(e: Exception, argv) -> str | None:
+  """A one-line message for a bad --config.x override, else None."""
+  text = str(e).strip("\"' ")
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and "=" in arg:
+      field = arg[len("--config."):].split("=", 1)[0]
+      parts = field.split(".")
+      if text.strip("'\"") in parts or isinstance(e, (AttributeError, KeyError)):
+        known = _known_fields(argv)
+        close = difflib.get_close_matches(field, known, n=3)
+        if field not in known:
+          hint = f"; did you mean {', '.join(close)}?" if close else ""
+          return f"--config.{field}: no such config field{hint}"
+  return None
+
+
+def _known_fields(argv) -> list[str]:
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not config_arg:
+    return []
+  path, _, arg = config_arg.partition(":")
+  try:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_config_for_hint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # only for a hint: the real error is reported either way
+    return []
+  return list(identity._flat(config.to_dict()))
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with config override errors as one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"perl_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = _config_field_error(e, argv) or f"{type(e).__name__}: {e}"
+    print(f"perl_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -67,10 +150,27 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a config file that failed to load raises only when first used
+  except Exception as e:  # a config file that is missing or fails to load
+    if _VERBOSE.value:
+      raise
+    reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    print(f"perl_jax: error: --config: cannot load the config file: {reason}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    run(config, _WORKDIR.value)
+  except errors.UserError as e:
+    if _VERBOSE.value:
+      raise
+    lines = str(e).splitlines() or [type(e).__name__]
+    for line in lines:
+      print(f"perl_jax: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(3 if isinstance(e, errors.TrainingStopped) else 2)
   print(f"summary written to {os.path.join(_WORKDIR.value, 'summary.json')}", flush=True)
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -23,6 +23,7 @@ from perl_jax import roles
 from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 from perl_jax.data import batching
+from perl_jax.progress import Progress
 
 
 def encode_preferences(tok, prefs, max_len: int) -> dict:
@@ -69,6 +70,7 @@ def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: f
   """Metrics over every held-out row (the last partial batch is padded, then dropped)."""
   n = len(arrays["label"])
   scores = []
+  progress = Progress("reward", "evaluating", n, "rows")
   for start in range(0, n, batch_size):
     batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
     short = batch_size - len(batch["label"])
@@ -76,6 +78,7 @@ def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: f
       batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
     scores.append(np.asarray(score_fn(trainable, sharding_lib.put_batch(batch, mesh)))
                   [:batch_size - short])
+    progress.update(start + batch_size - short)
   scores = np.concatenate(scores)
   loss, metrics = losses.preference_loss(jnp.asarray(scores), jnp.asarray(arrays["label"]),
                                          margin)
@@ -114,13 +117,19 @@ def _data_dirs(config, workdir):
   return manual_dir, dcfg.data_dir or os.path.join(workdir, "tfds")
 
 
+def _collapsed(metrics: dict) -> bool:
+  """Every row scored alike: a saturated reward model (its pairs all tie)."""
+  return float(metrics["reward_std"]) <= 1e-6 * max(1.0, abs(float(metrics["reward_mean"])))
+
+
 def load_data(config, workdir, tok):
   # Imported here: TFDS is slow to import and only stages that read preference data need it.
   from perl_jax.data import preferences as preferences_lib
   dcfg = config.reward.data
   manual_dir, data_dir = _data_dirs(config, workdir)
   load = lambda split: preferences_lib.load_preferences(
-      dcfg.name, split=split, manual_dir=manual_dir, data_dir=data_dir, config=dcfg.config or None)
+      dcfg.name, split=split, manual_dir=manual_dir, data_dir=data_dir, config=dcfg.config or None,
+      allow_partial=dcfg.allow_partial)
   train_prefs, eval_prefs = load(dcfg.train_split), load(dcfg.eval_split)
   for split, prefs in ((dcfg.train_split, train_prefs), (dcfg.eval_split, eval_prefs)):
     if prefs.rows_skipped:
@@ -165,7 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
 
   def eval_fn(trainable):
     metrics = evaluate(score_fn, trainable, eval_arrays, rcfg.eval_batch_size, mesh, rcfg.margin)
-    if metrics["accuracy"] > best["accuracy"]:  # keep the best-validation reward model
+    # Keep the best-validation reward model; never one that scores every row alike (collapsed).
+    if metrics["accuracy"] > best["accuracy"] and not _collapsed(metrics):
       checkpoint_lib.save_tree(best_path, trainable)
       best.update(metrics)
       common.write_json(best_info_path, best)
@@ -178,7 +188,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
       trainable=trainable, frozen=frozen,
       batch_at=lambda s: batching.batch_at(train_arrays, s, rcfg.train.batch_size, config.seed),
       eval_fn=eval_fn, meta={"stage": "reward", "model": config.model.to_dict(),
-                             "lora": config.lora.to_dict()}, writer=writer)
+                             "lora": config.lora.to_dict()}, writer=writer,
+      collapsed=_collapsed)
   final_eval = {k[len("eval_"):]: v for k, v in result["history"][-1].items()
                 if k.startswith("eval_")} if result["history"] else evaluate(
                     score_fn, result["state"]["trainable"], eval_arrays, rcfg.eval_batch_size,

@@ -21,6 +21,7 @@ from perl_jax import sharding as sharding_lib
 from perl_jax import tasks
 from perl_jax import train as train_lib
 from perl_jax.data import batching
+from perl_jax.progress import Progress
 
 
 def sft_loss(model):
@@ -58,9 +59,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
 
   def eval_fn(trainable):
     n = (len(eval_pairs) // scfg.train.batch_size) * scfg.train.batch_size
-    losses = [eval_loss(trainable, sharding_lib.put_batch(
-        {k: v[i:i + scfg.train.batch_size] for k, v in eval_arrays.items()}, mesh))
-              for i in range(0, n, scfg.train.batch_size)]
+    progress, losses = Progress("sft", "evaluating", n, "examples"), []
+    for i in range(0, n, scfg.train.batch_size):
+      losses.append(jax.device_get(eval_loss(trainable, sharding_lib.put_batch(
+          {k: v[i:i + scfg.train.batch_size] for k, v in eval_arrays.items()}, mesh))))
+      progress.update(i + scfg.train.batch_size)
     nll = float(np.mean(jax.device_get(losses)))
     return {"nll": nll, "perplexity": float(np.exp(nll))}
 

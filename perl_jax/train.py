@@ -22,6 +22,8 @@ import optax
 from absl import logging
 
 from perl_jax import checkpoint as checkpoint_lib
+from perl_jax import errors
+from perl_jax import identity as identity_lib
 from perl_jax import sharding as sharding_lib
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -129,12 +131,22 @@ def compiled_memory(compiled) -> dict:
 
 
 class Writer:
-  """TensorBoard scalars (tensorboardX: no TensorFlow needed) plus a JSON-lines log."""
+  """TensorBoard scalars (tensorboardX: no TensorFlow needed) plus a JSON-lines log.
+
+  metrics.jsonl is the record: it is flushed at every write, and on resume the lines a killed run
+  wrote after its last checkpoint are dropped and TensorBoard is rebuilt from it (`resume`), so
+  both curves equal an uninterrupted run's. TensorBoard is flushed at every checkpoint.
+  """
 
   def __init__(self, workdir: str):
+    self.tb_dir = os.path.join(workdir, "tb")
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = self._open_tb()
+    self.jsonl = open(self.jsonl_path, "a")
+
+  def _open_tb(self):
     from tensorboardX import SummaryWriter  # imported here: only runs that log need it
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    return SummaryWriter(self.tb_dir)
 
   def scalars(self, step: int, metrics: dict, prefix: str = "") -> None:
     for name, value in metrics.items():
@@ -142,6 +154,41 @@ class Writer:
     self.jsonl.write(json.dumps({"step": step, **{prefix + k: float(v)
                                                   for k, v in metrics.items()}}) + "\n")
     self.jsonl.flush()
+
+  def flush(self) -> None:
+    self.tb.flush()
+
+  def resume(self, prefix: str, step: int) -> int:
+    """Drops the `prefix` lines after `step` (written after the last checkpoint by a run that
+    was killed) and rebuilds TensorBoard from metrics.jsonl; returns how many lines went."""
+    self.jsonl.close()
+    with open(self.jsonl_path) as f:
+      lines = [line for line in f if line.strip()]
+    records = []
+    for line in lines:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut by the kill
+        records.append(None)
+    keep = [r for r in records if r is not None and not (
+        r["step"] > step and any(k.startswith(prefix) for k in r if k != "step"))]
+    dropped = len(records) - len(keep)
+    if dropped:
+      with open(self.jsonl_path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+      os.replace(self.jsonl_path + ".tmp", self.jsonl_path)
+    self.jsonl = open(self.jsonl_path, "a")
+    self.tb.close()
+    for name in os.listdir(self.tb_dir):
+      if name.startswith("events.out.tfevents"):
+        os.remove(os.path.join(self.tb_dir, name))
+    self.tb = self._open_tb()
+    for record in keep:
+      for name, value in record.items():
+        if name != "step":
+          self.tb.add_scalar(name, value, record["step"])
+    self.tb.flush()
+    return dropped
 
   def close(self):
     self.tb.close()
@@ -164,7 +211,8 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
         trainable: Any, frozen: Any, batch_at: Callable[..., dict],
         batch_uses_state: bool = False,
         eval_fn: Callable[[Any], dict] | None = None, meta: dict | None = None,
-        writer: Writer | None = None) -> dict:
+        writer: Writer | None = None,
+        collapsed: Callable[[dict], bool] | None = None) -> dict:
   """Trains `trainable` for config.train.steps optimizer steps; returns final metrics.
 
   The step donates its state: `fit` owns the `trainable` arrays passed in (use the returned state).
@@ -172,7 +220,12 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   `batch_at(step)` gives the step's batch; with `batch_uses_state`, `batch_at(step, trainable)`
   (RL: rollouts come from the current policy). Resumes from the latest checkpoint in
   `workdir/checkpoints` if there is one; the batches, the random numbers and therefore the losses
-  after resuming are those of an uninterrupted run.
+  after resuming are those of an uninterrupted run. A checkpoint written by a run of another
+  identity (perl_jax.identity, recorded in workdir/identity.json) is refused.
+
+  Stops with errors.TrainingStopped, naming the last good checkpoint, on a non-finite loss or
+  gradient, or after train.stop_if_stuck consecutive steps that are stuck (zero gradient norm and
+  an unchanged loss) or `collapsed(metrics)`.
   """
   tcfg = train_cfg
   os.makedirs(workdir, exist_ok=True)
@@ -185,17 +238,27 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   state = jax.device_put(state, state_shardings)
   frozen = jax.device_put(frozen, frozen_shardings)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
+  recorded = identity_lib.read(workdir)
+  meta = dict(meta or {}, identity=recorded["sha256"] if recorded else None)
   if ckpt.latest_step() is not None:
     state, saved_meta = ckpt.restore(state)
+    if not identity_lib.accepts(workdir, saved_meta.get("identity")):
+      ckpt.close()
+      raise errors.WorkdirMismatch(
+          f"the checkpoints in {ckpt.directory} were written by a run of another config or data "
+          f"(identity {str(saved_meta.get('identity'))[:12]}, this run "
+          f"{str(meta['identity'])[:12]}): use a new --workdir")
     logging.info("%s: resumed from step %d in %s", name, int(state["step"]), ckpt.directory)
     print(f"[{name}] resumed from checkpoint at step {int(state['step'])}", flush=True)
-    del saved_meta
   start = int(state["step"])
-
   base_rng = jax.random.key(seed)
   own_writer = writer is None
   writer = writer or Writer(workdir)
-  meta = dict(meta or {})
+  dropped = writer.resume(f"{name}/", start)
+  if dropped:
+    print(f"[{name}] dropped {dropped} log lines written after step {start} by an interrupted "
+          f"run", flush=True)
+  stuck_steps, last_loss = 0, None
   step_times, history, last_saved, metrics = [], [], ckpt.latest_step(), {}
   step_memory = None
   t_last = time.perf_counter()
@@ -217,11 +280,21 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
       metrics = jax.device_get(metrics)
       step_times.append(time.perf_counter() - t0)
     bad = [k for k in ("loss", "grad_norm", "update_norm") if not np.isfinite(metrics[k])]
-    if bad:
+    stuck = (float(metrics["grad_norm"]) == 0.0 and last_loss is not None
+             and abs(float(metrics["loss"]) - last_loss) <= 1e-7 * max(1.0, abs(last_loss)))
+    stuck_steps = stuck_steps + 1 if stuck or (collapsed and collapsed(metrics)) else 0
+    last_loss = float(metrics["loss"])
+    if bad or (tcfg.get("stop_if_stuck", 0) and stuck_steps >= tcfg.stop_if_stuck):
       ckpt.close()
-      raise FloatingPointError(
-          f"[{name}] non-finite {', '.join(bad)} at step {step + 1}; training stopped. The last "
-          f"good checkpoint is step {last_saved} in {ckpt.directory} (no later state was saved)")
+      why = (f"non-finite {', '.join(bad)} at step {step + 1}" if bad else
+             f"training stuck for {stuck_steps} steps at step {step + 1} (loss "
+             f"{last_loss:.6g}, grad_norm {float(metrics['grad_norm']):.3g}"
+             f"{', collapsed' if collapsed and collapsed(metrics) else ''}): the model has "
+             f"diverged or saturated; lower the learning rate")
+      kept = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
+              if last_saved is not None else "no checkpoint was saved yet")
+      raise errors.TrainingStopped(f"[{name}] {why}; training stopped, {kept} (no later state "
+                                   f"was saved)")
     done = step + 1
     history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
     if done % tcfg.log_every == 0 or done == tcfg.steps:
@@ -232,14 +305,15 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
       print(f"[{name}] step {done}/{tcfg.steps} {_format(metrics)} steps/s={rate:.2f} "
             f"eta={eta:.0f}s", flush=True)
       writer.scalars(done, metrics, f"{name}/train/")
-    if eval_fn is not None and tcfg.eval_every and (done % tcfg.eval_every == 0
-                                                    or done == tcfg.steps):
+    if eval_fn is not None and (done == tcfg.steps or (tcfg.eval_every
+                                                       and done % tcfg.eval_every == 0)):
       eval_metrics = eval_fn(state["trainable"])
       print(f"[{name}] eval at step {done}: {_format(eval_metrics)}", flush=True)
       writer.scalars(done, eval_metrics, f"{name}/eval/")
       history[-1].update({f"eval_{k}": float(v) for k, v in eval_metrics.items()})
     if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
       ckpt.save(done, state, {**meta, "step": done, "examples_seen": done * tcfg.batch_size})
+      writer.flush()  # TensorBoard is never behind the last checkpoint
       last_saved = done
   ckpt.close()
   if own_writer:

@@ -28,18 +28,22 @@ def test_demo_sft_stage_runs_and_writes_summary(tmp_path):
   assert summary["config"]["sft"]["train"]["steps"] == 4  # the resolved config is recorded
   assert summary["trainable_params"] == summary["total_params"] > 0
   assert os.listdir(tmp_path / "tb")
-  # Running again resumes from the final checkpoint instead of training again.
+  # Running again skips the finished stage and keeps its results (summary.json unchanged).
   again = _main(tmp_path, *SMALL_SFT)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "resumed from checkpoint at step 4" in again.stdout
+  assert "[sft] finished earlier in this workdir" in again.stdout
+  assert json.load(open(tmp_path / "summary.json"))["stages"] == summary["stages"]
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.lora.rnak=4", "rnak"),
-    ("--config.stages=('sft','dance')", "unknown stages ['dance']"),
-    ("--config.model.preset=gemma-3b", "unknown model preset 'gemma-3b'"),
+    ("--config.lora.rnak=4", "--config.lora.rnak: no such config field; did you mean lora.rank"),
+    ("--config.stages=('sft','dance')", "stages: unknown ['dance']"),
+    ("--config.model.preset=gemma-3b", "model.preset: must be one of"),
+    ("--config.sft.train.batch_size=0", "sft.train.batch_size: must be an integer in [1, inf)"),
 ])
-def test_bad_config_is_a_clear_error(tmp_path, flag, message):
-  proc = _main(tmp_path, flag, *SMALL_SFT)
-  assert proc.returncode != 0
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path, flag, message):
+  proc = _main(tmp_path, *SMALL_SFT, flag)  # last: overrides SMALL_SFT
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [f"perl_jax: error: {proc.stderr.split(': error: ')[1].strip()}"]
   assert message in proc.stderr
+  assert not os.path.exists(tmp_path / "sft")  # refused before any work

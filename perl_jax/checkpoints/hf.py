@@ -353,9 +353,12 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
     read: source tensor name -> numpy array in HF layout (only called once per tensor).
     mesh: where params go (default: the first device); shardings follow sharding.PARAM_RULES.
   """
+  from perl_jax.progress import Progress
   mesh = mesh or default_mesh()
   abstract = abstract_params(cfg)
   flat = {}
+  progress = Progress("checkpoint", f"loading {os.path.basename(source) or 'weights'}:",
+                      len(names), "tensors")
   for name, path in names.items():
     want = abstract[path]
     array = read(name)
@@ -365,6 +368,7 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
                        f"expected {expected} (perl_jax {path} {tuple(want.shape)})")
     flat[path] = put(to_perl(path, array, want.shape), path, want.dtype, mesh)
     del array
+    progress.update(len(flat))
   return lora_lib.unflatten(flat)
 
 
