@@ -2,6 +2,7 @@
 reward files when they are present."""
 import collections
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -89,8 +90,8 @@ def test_anthropic_hh_report_survives_a_reload_without_the_manual_dir(tmp_path):
   for field in ("kind", "prompts", "chosen", "rejected", "sources", "rows_skipped", "skipped"):
     assert getattr(again, field) == getattr(first, field)
   np.testing.assert_array_equal(again.labels, first.labels)
-  metadata = json.loads((tmp_path / "tfds/anthropic_hh/helpful-base/1.0.0/metadata.json")
-                        .read_text())
+  prepared, = (tmp_path / "tfds").glob("anthropic_hh-*/anthropic_hh/helpful-base/*/metadata.json")
+  metadata = json.loads(prepared.read_text())
   assert metadata["skipped"]["train"] == first.skipped
   assert metadata["kind"] == "pairwise"
 
@@ -104,9 +105,10 @@ def test_anthropic_hh_all_config_reads_every_subset(tmp_path):
   assert train.sources[-1] == "helpful-rejection-sampled/train.jsonl.gz:2"
 
 
-def test_anthropic_hh_missing_subset_file_names_the_path(tmp_path):
+def test_anthropic_hh_missing_subset_names_the_path_and_the_subset_present(tmp_path):
   write_hh(tmp_path / "hh", subsets=("helpful-base",))
-  with pytest.raises(FileNotFoundError, match="harmless-base/train.jsonl.gz.*" + str(tmp_path)):
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/hh lacks harmless-base/.*"
+                     "--config.reward.data.config=helpful-base"):
     load_preferences("anthropic_hh", "train", tmp_path / "hh", tmp_path / "tfds", config="all")
 
 
@@ -343,3 +345,175 @@ def test_jsonl_test_split_of_the_other_kind_is_an_error(tmp_path):
   write_lines(f"{tmp_path}/mine/test.jsonl", [{"prompt": "Q", "response": "a", "label": 1}])
   with pytest.raises(ValueError, match="'test' has no usable rows.*test.jsonl"):
     load_preferences("jsonl_preferences", "train", tmp_path / "mine", tmp_path / "tfds")
+
+
+# ------------------------------------------------ Files cut part-way, fingerprints, manual files
+
+def write_taskmaster_rewards(root, n_rows, generation=None):
+  """n_rows reward rows (published layout: a pretty-printed JSON array); returns the text."""
+  rows = [taskmaster_row(f"dlg-{i}", f"can i get coffee number {i}",
+                         generation or {"role": "agent", "text": f"Coming up: order {i}."},
+                         float(i % 2)) for i in range(n_rows)]
+  os.makedirs(root / "reward", exist_ok=True)
+  text = json.dumps(rows, indent=4)
+  (root / "reward" / "reward_00.json").write_text(text)
+  return text
+
+
+def corrupt_row(text, row):
+  """The text with stray bytes inside row `row`'s object: the array is unreadable from there."""
+  at = [i for i in range(len(text)) if text.startswith('"conversation_id"', i)][row]
+  return text[:at] + "@@ " + text[at:], text[:at].count("\n")  # and the row's opening line
+
+
+def test_taskmaster_reward_file_corrupt_midway_fails_naming_file_line_and_rows_lost(tmp_path):
+  text, opening_line = corrupt_row(write_taskmaster_rewards(tmp_path / "tm", 72), row=30)
+  (tmp_path / "tm/reward/reward_00.json").write_text(text)
+  with pytest.raises(preferences.PartialFileError) as error:
+    load_preferences("taskmaster", "train", tmp_path / "tm", tmp_path / "tfds")
+  message = str(error.value)
+  assert "\n" not in message
+  assert f"{tmp_path}/tm/reward/reward_00.json is unreadable from line {opening_line} " in message
+  assert "(42 rows lost)" in message  # rows 30..71
+  assert "--config.reward.data.allow_partial=True" in message
+  # The cached preparation raises again: the cut is in the builder's metadata.
+  with pytest.raises(preferences.PartialFileError, match="42 rows lost"):
+    load_preferences("taskmaster", "test", tmp_path / "tm", tmp_path / "tfds")
+
+
+def test_allow_partial_counts_every_lost_row_as_skipped(tmp_path, capsys):
+  text, opening_line = corrupt_row(write_taskmaster_rewards(tmp_path / "tm", 72), row=30)
+  (tmp_path / "tm/reward/reward_00.json").write_text(text)
+  splits = {split: load_preferences("taskmaster", split, tmp_path / "tm", tmp_path / "tfds",
+                                    allow_partial=True) for split in ("train", "test")}
+  assert sum(len(s.prompts) for s in splits.values()) == 30
+  assert splits["train"].rows_skipped == 42 and splits["test"].rows_skipped == 0
+  assert sum(len(s.prompts) + s.rows_skipped for s in splits.values()) == 72
+  assert splits["train"].skipped == [
+      f"reward/reward_00.json:{opening_line}: unreadable from line {opening_line} "
+      f"(42 rows lost): bad JSON: Expecting property name enclosed in double quotes "
+      f"(line {opening_line + 1} column 9)"]
+  assert "[data] warning: taskmaster: " in capsys.readouterr().out
+
+
+def test_taskmaster_reward_file_cut_short_says_at_least_the_rows_started(tmp_path):
+  text = write_taskmaster_rewards(tmp_path / "tm", 72)
+  (tmp_path / "tm/reward/reward_00.json").write_text(text[:len(text) // 2])
+  with pytest.raises(preferences.PartialFileError,
+                     match=r"reward_00.json is unreadable from line \d+ \(at least 1 row lost: "
+                           "the file ends before its JSON array closes\\)"):
+    load_preferences("taskmaster", "train", tmp_path / "tm", tmp_path / "tfds")
+  train = load_preferences("taskmaster", "train", tmp_path / "tm", tmp_path / "tfds",
+                           allow_partial=True)
+  assert train.rows_skipped == 1
+
+
+def test_truncated_gzip_jsonl_is_a_partial_file_error_with_unknown_rows_lost(tmp_path):
+  rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(400)]
+  write_lines(f"{tmp_path}/mine/train.jsonl.gz", rows, gz=True)
+  data = (tmp_path / "mine/train.jsonl.gz").read_bytes()
+  (tmp_path / "mine/train.jsonl.gz").write_bytes(data[:len(data) // 2])
+  with pytest.raises(preferences.PartialFileError,
+                     match=r"train.jsonl.gz is unreadable from line \d+ \(an unknown number of "
+                           r"rows lost: the rest of the file\): EOFError.*"
+                           r"--config.reward.data.allow_partial=True"):
+    load_preferences("jsonl_preferences", "train", tmp_path / "mine", tmp_path / "tfds")
+  train = load_preferences("jsonl_preferences", "train", tmp_path / "mine", tmp_path / "tfds",
+                           allow_partial=True)
+  read = len(train.prompts)
+  assert 0 < read < 400 and train.chosen == [f"good {i}" for i in range(read)]
+  assert train.rows_skipped == 0  # the rows after the break cannot be counted
+  assert train.skipped == [f"train.jsonl.gz:{read + 1}: unreadable from line {read + 1} (an "
+                           "unknown number of rows lost: the rest of the file): EOFError: "
+                           "Compressed file ended before the end-of-stream marker was reached"]
+
+
+def test_taskmaster_empty_generation_is_kept_as_a_labelled_row(tmp_path):
+  to_train = user_text_in("train")
+  rows = [taskmaster_row("dlg-1", to_train, {"role": "agent", "text": ""}, 0.0),
+          taskmaster_row("dlg-2", to_train, {"role": "agent", "text": "  "}, 0.0),
+          {**taskmaster_row("dlg-3", to_train, {}, 0.0), "generation": ""},
+          taskmaster_row("dlg-4", to_train, {}, 1.0),
+          taskmaster_row("dlg-5", to_train, {"role": "agent", "text": "Hot or iced?"}, 1.0),
+          taskmaster_row("dlg-6", to_train, {"role": "user", "text": ""}, 0.0),
+          taskmaster_row("dlg-7", user_text_in("test"), {"role": "agent", "text": ""}, 0.0)]
+  os.makedirs(tmp_path / "tm/reward")
+  (tmp_path / "tm/reward/reward_00.json").write_text(json.dumps(rows, indent=4))
+  train = load_preferences("taskmaster", "train", tmp_path / "tm", tmp_path / "tfds")
+  assert train.chosen == ["", "", "", "", "Hot or iced?"]
+  assert train.labels.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+  assert train.conversation_ids == ["dlg-1", "dlg-2", "dlg-3", "dlg-4", "dlg-5"]
+  assert [line.split(": ", 1)[1] for line in train.skipped] == ["generation is not an agent turn"]
+
+
+def test_editing_a_manual_file_prepares_fresh_data_in_the_same_data_dir(tmp_path, capsys):
+  write_taskmaster_rewards(tmp_path / "tm", 72)
+  count = lambda: sum(len(load_preferences("taskmaster", split, tmp_path / "tm",
+                                           tmp_path / "tfds").prompts)
+                      for split in ("train", "test"))
+  assert count() == 72
+  first = capsys.readouterr().out
+  assert first.count("[data] preparing taskmaster from") == 1
+  assert "[data] prepared taskmaster: train " in first
+  assert count() == 72 and capsys.readouterr().out == ""  # the cache, reused silently
+  write_taskmaster_rewards(tmp_path / "tm", 30)
+  assert count() == 30
+  assert capsys.readouterr().out.count("[data] preparing taskmaster from") == 1
+  assert len(list((tmp_path / "tfds").glob("taskmaster-*"))) == 2
+
+
+def test_fingerprint_follows_content_not_mtime(tmp_path):
+  write_taskmaster_rewards(tmp_path / "tm", 5)
+  (tmp_path / "tm/reward/notes.txt").write_text("not read by the builder")
+  first = preferences.data_fingerprint("taskmaster", tmp_path / "tm")
+  assert first["dataset"] == "taskmaster" and first["config"] == ""
+  assert first["builder_version"] == str(preferences.Taskmaster.VERSION)
+  path = tmp_path / "tm/reward/reward_00.json"
+  data = path.read_bytes()
+  assert first["files"] == {"reward/reward_00.json": {
+      "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+  os.utime(path, (1_000_000, 1_000_000))
+  (tmp_path / "tm/reward/notes.txt").write_text("edited, still not read")
+  assert preferences.data_fingerprint("taskmaster", tmp_path / "tm") == first
+  path.write_bytes(data.replace(b"order 1.", b"order 7."))  # same size, other content
+  edited = preferences.data_fingerprint("taskmaster", tmp_path / "tm")
+  assert edited["files"]["reward/reward_00.json"]["bytes"] == len(data)
+  assert edited["sha256"] != first["sha256"]
+  write_hh(tmp_path / "hh", subsets=preferences._HH_SUBSETS)
+  hh = {config: preferences.data_fingerprint("anthropic_hh", tmp_path / "hh", config)
+        for config in (None, "all", "helpful-base")}
+  assert hh[None] == hh["all"] and hh[None]["config"] == "all"  # None is the default config
+  assert len(hh["all"]["files"]) == 8 and list(hh["helpful-base"]["files"]) == [
+      "helpful-base/test.jsonl.gz", "helpful-base/train.jsonl.gz"]
+
+
+def test_check_manual_files_names_the_fix_for_anthropic_hh_all_with_only_harmless_base(tmp_path):
+  write_hh(tmp_path / "hh", subsets=("harmless-base",))
+  (tmp_path / "hh/README.md").write_text("harmless-base only")
+  with pytest.raises(ValueError) as error:
+    preferences.check_manual_files("anthropic_hh", tmp_path / "hh", None)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message == (
+      f"anthropic_hh (config 'all'): manual dir {tmp_path}/hh lacks helpful-base/, "
+      "helpful-online/, helpful-rejection-sampled/; it holds README.md, harmless-base/; fix: "
+      "read the subset present with --config.reward.data.config=harmless-base")
+  preferences.check_manual_files("anthropic_hh", tmp_path / "hh", "harmless-base")  # no error
+  with pytest.raises(ValueError, match="lacks helpful-base/"):  # before TFDS prepares anything
+    load_preferences("anthropic_hh", "train", tmp_path / "hh", tmp_path / "tfds")
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_check_manual_files_for_every_builder_is_one_line(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other/data.csv").write_text("a,b")
+  for name in preferences.PREFERENCE_DATASETS:
+    for folder, problem in (("nowhere", "does not exist"), ("empty", "is empty"),
+                            ("other", "lacks")):
+      with pytest.raises(ValueError) as error:
+        preferences.check_manual_files(name, tmp_path / folder, None)
+      message = str(error.value)
+      assert "\n" not in message and message.startswith(name)
+      assert f"manual dir {tmp_path}/{folder} {problem}" in message
+      assert "fix: " in message

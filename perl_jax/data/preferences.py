@@ -20,20 +20,32 @@ Responses are stripped of surrounding whitespace; prompts are kept as published.
 A malformed row (bad JSON, undecodable text, missing or non-string field, empty response, identical
 chosen and rejected, label not 0/1) is never written and never silently dropped: it is listed as
 "file:line: reason" under the split that holds it (a dialog that yields several examples is
-kept or skipped whole). The list, the dataset kind ("pairwise", "pointwise" or "demonstrations":
-SFT examples, e.g. taskmaster_dialogs), the manual dir and the files read are saved by TFDS with
-the prepared data, in `<data_dir>/<name>/[<config>/]1.0.0/metadata.json` (the builder's
-`info.metadata`), so loading an already prepared dataset reports them again. A split with no usable rows stops the preparation.
+kept or skipped whole). An empty agent turn in the Taskmaster reward examples is not malformed:
+it is a labelled response (""). A file that stops being readable part-way (truncated, corrupt) is
+recorded with the line where reading stopped and the rows lost (counted where the rest of the text
+allows, else "unknown"); `load_preferences` then fails with PartialFileError unless
+allow_partial=True, which counts the lost rows as skipped.
+
+The list, the partial files, the dataset kind ("pairwise", "pointwise" or "demonstrations": SFT
+examples, e.g. taskmaster_dialogs), the manual dir, the files read and their fingerprint are saved
+by TFDS with the prepared data, in
+`<data_dir>/<name>-<fingerprint[:12]>/<name>/[<config>/]<VERSION>/metadata.json` (the builder's
+`info.metadata`), so loading an already prepared dataset reports them again. The folder is keyed on
+`data_fingerprint` (the sha256 of every file the builder reads), so an edited file is prepared
+afresh instead of the old cache being reused. A split with no usable rows stops the preparation.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import gzip
 import hashlib
 import json
 import logging
 import os
-import textwrap
+import re
+import time
+import zlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -42,7 +54,11 @@ import tensorflow_datasets as tfds
 PREFERENCE_DATASETS = ("anthropic_hh", "tldr_comparisons", "shp", "taskmaster",
                        "taskmaster_dialogs", "jsonl_preferences")
 PAIRWISE, POINTWISE, DEMONSTRATIONS = "pairwise", "pointwise", "demonstrations"
-_VERSION = "1.0.0"
+_VERSION = "1.1.0"
+_RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "Taskmaster keeps empty agent turns; files cut part-way recorded in metadata.",
+}
 _TEXT_FIELDS = ("prompt", "chosen", "rejected", "source", "conversation_id")
 
 
@@ -54,49 +70,138 @@ class Preferences:
   rejected: list[str]       # for pointwise: ""
   labels: np.ndarray        # float32 [N]
   sources: list[str]        # "file:line" per row
-  rows_skipped: int
-  skipped: list[str]        # "file:line: reason" per skipped row
+  rows_skipped: int         # skipped rows plus the rows lost in files cut part-way
+  skipped: list[str]        # "file:line: reason": each file cut part-way, then each skipped row
   conversation_ids: list[str] = dataclasses.field(default_factory=list)  # "" where none
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading rows. A reader yields (source, value, error) per row: value is the parsed JSON, error
-# is "" or why the row could not be read.
+# is "" or why the row could not be read. When the file stops being readable part-way, the reader
+# raises FileCut after the last row it could read.
 # ---------------------------------------------------------------------------------------------
 
 Row = tuple[str, Any, str]
+
+
+class PartialFileError(ValueError):
+  """A file stopped being readable part-way and allow_partial is False; the message says which,
+  from which line, how many rows were lost and how to train on what was read."""
+
+
+class MissingManualFiles(FileNotFoundError, ValueError):
+  """The manual dir lacks files the builder (and its config) reads; a one-line message."""
+
+
+class FileCut(Exception):
+  """Raised by a reader once the rest of its file cannot be read.
+
+  cut: {"file", "line" (where reading stopped), "rows_lost" (int, or None when it cannot be
+  counted), "at_least" (True when more rows may be lost than counted), "reason"}.
+  """
+
+  def __init__(self, name: str, line: int, rows_lost: int | None, at_least: bool, reason: str):
+    super().__init__(reason)
+    self.cut = dict(file=name, line=line, rows_lost=rows_lost, at_least=at_least,
+                    reason=" ".join(reason.split()))
+
+
+def describe_cut(cut: dict) -> str:
+  """"unreadable from line N (R rows lost): reason" of one FileCut.cut."""
+  n = cut["rows_lost"]
+  if n is None:
+    lost = "an unknown number of rows lost: the rest of the file"
+  else:
+    lost = f"{'at least ' if cut['at_least'] else ''}{n} row{'' if n == 1 else 's'} lost"
+    if cut["at_least"]:
+      lost += ": the file ends before its JSON array closes"
+  return f"unreadable from line {cut['line']} ({lost}): {cut['reason']}"
 
 
 def _open_bytes(path: str):
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def _json_line(name: str, line_number: int, raw_line: bytes) -> Row | None:
+  source = f"{name}:{line_number}"
+  try:
+    line = raw_line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return source, None, f"undecodable UTF-8 text at byte {e.start}"
+  if line_number == 1:
+    line = line.lstrip("\ufeff")
+  if not line.strip():
+    return None
+  try:
+    return source, json.loads(line), ""
+  except json.JSONDecodeError as e:
+    return source, None, f"bad JSON: {e.msg} at column {e.colno}"
+
+
 def _read_json_lines(path: str, name: str) -> Iterator[Row]:
-  """One JSON value per line (gzipped if the name ends in .gz); blank lines are not rows."""
-  line_number = 0
+  """One JSON value per line (gzipped if the name ends in .gz); blank lines are not rows.
+
+  A gzip stream that breaks (truncated or corrupt) raises FileCut: the rows after the break cannot
+  be known. A last line without its newline is held back until the stream is known to end well.
+  """
+  line_number, held = 0, None
   with _open_bytes(path) as f:
     try:
       for line_number, raw_line in enumerate(f, start=1):
-        source = f"{name}:{line_number}"
-        try:
-          line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as e:
-          yield source, None, f"undecodable UTF-8 text at byte {e.start}"
+        if not raw_line.endswith(b"\n"):
+          held = raw_line  # only the last line lacks one
           continue
-        if line_number == 1:
-          line = line.lstrip("\ufeff")
-        if not line.strip():
-          continue
-        try:
-          yield source, json.loads(line), ""
-        except json.JSONDecodeError as e:
-          yield source, None, f"bad JSON: {e.msg} at column {e.colno}"
-    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
-      yield f"{name}:{line_number + 1}", None, f"unreadable file from here on: {e}"
+        row = _json_line(name, line_number, raw_line)
+        if row:
+          yield row
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt gzip stream
+      first_lost = line_number if held is not None else line_number + 1
+      raise FileCut(name, first_lost, None, False, f"{type(e).__name__}: {e}") from None
+  if held is not None:
+    row = _json_line(name, line_number, held)
+    if row:
+      yield row
+
+
+# A JSON string (never across a newline: JSON strings hold none) or a bracket.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"?|[{}\[\]]')
+
+
+def _rows_from(text: str, pos: int, first_row: int) -> tuple[int, bool]:
+  """(rows of a JSON array starting at or after pos, whether the array closes): the rows lost
+  when the array stops being readable at pos.
+
+  A pretty-printed array (its first row, at first_row, opens a line) is counted by the lines
+  that open a row at the first row's indentation, which a corrupt stretch cannot confuse; other
+  arrays by the brackets at the array's top level, strings skipped.
+  """
+  indent = text[text.rfind("\n", 0, first_row) + 1:first_row]
+  if not indent.strip():
+    opens_row = re.compile("^" + re.escape(indent) + r"[^\s\]}]", re.M)
+    count = sum(1 for match in opens_row.finditer(text, text.rfind("\n", 0, pos) + 1)
+                if match.end() > pos)
+    last_line = text.rstrip().rsplit("\n", 1)[-1]  # "]" less indented than the rows: the end
+    closing_indent = len(last_line) - len(last_line.lstrip())
+    return count, last_line.strip() == "]" and (closing_indent < len(indent) or not indent)
+  depth, count = 0, 0
+  for match in _JSON_TOKENS.finditer(text, pos):
+    token = match.group()
+    if token in ("{", "["):
+      count += depth == 0
+      depth += 1
+    elif token == "]" and depth == 0:
+      return count, True
+    elif token in ("}", "]"):
+      depth = max(depth - 1, 0)
+  return count, False
 
 
 def _read_json_rows(path: str, name: str) -> Iterator[Row]:
-  """A JSON array of rows (source = line where each row starts), or JSON lines."""
+  """A JSON array of rows (source = line where each row starts), or JSON lines.
+
+  When the array stops being readable, raises FileCut counting the rows that start in the unread
+  text (at least that many if the file ends before the array closes).
+  """
   with open(path, "rb") as f:
     # Undecodable bytes become lone surrogates, which the UTF-8 check on each row's text catches.
     text = f.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
@@ -118,25 +223,27 @@ def _read_json_rows(path: str, name: str) -> Iterator[Row]:
     counted_to = pos
     return line
 
-  pos = skip_space(start + 1)
+  def cut(pos, reason):
+    rows, closes = _rows_from(text, pos, first_row)
+    return FileCut(name, line_at(pos), rows if rows or closes else None, not closes, reason)
+
+  pos = first_row = skip_space(start + 1)
   if text[pos:pos + 1] == "]":
     return
   while True:
     source = f"{name}:{line_at(pos)}"
     try:
-      value, pos = decoder.raw_decode(text, pos)
+      value, end = decoder.raw_decode(text, pos)
     except json.JSONDecodeError as e:
-      yield source, None, f"bad JSON: {e.msg}; the rest of the file is unreadable"
-      return
+      raise cut(pos, f"bad JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
     yield source, value, ""
-    pos = skip_space(pos)
+    pos = skip_space(end)
     if text[pos:pos + 1] == ",":
       pos = skip_space(pos + 1)
     elif text[pos:pos + 1] == "]":
       return
     else:
-      yield f"{name}:{line_at(pos)}", None, "bad JSON: expected ',' or ']'; the rest is unreadable"
-      return
+      raise cut(pos, "bad JSON: expected ',' or ']' after a row")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +277,9 @@ def _binary_label(value: Any, key: str) -> float:
   return float(value)
 
 
-def _check_example(example: dict, kind: str) -> None:
+def _check_example(example: dict, kind: str, empty_responses: bool = False) -> None:
+  """MalformedRow unless the example's text is valid and its responses usable; empty_responses:
+  a pointwise "" response is a labelled row (Taskmaster's empty agent turns)."""
   for key in _TEXT_FIELDS:
     try:
       example[key].encode("utf-8")
@@ -183,7 +292,7 @@ def _check_example(example: dict, kind: str) -> None:
       raise MalformedRow("empty rejected response")
     if example["chosen"] == example["rejected"]:
       raise MalformedRow("identical chosen and rejected responses")
-  elif not example["chosen"]:
+  elif not example["chosen"] and not (empty_responses and kind == POINTWISE):
     raise MalformedRow("empty response")
 
 
@@ -201,11 +310,36 @@ def _pointwise(prompt: str, response: str, label: float, conversation_id: str = 
 # The shared builder: schema, manual-dir checks, the skipped-row report.
 # ---------------------------------------------------------------------------------------------
 
+def _listing(folder: str, limit: int = 12) -> str:
+  """The entries of folder, folders with a trailing "/", hidden ones left out."""
+  try:
+    entries = sorted(e + "/" if os.path.isdir(os.path.join(folder, e)) else e
+                     for e in os.listdir(folder) if not e.startswith("."))
+  except OSError:
+    return "nothing (the folder does not exist)"
+  if not entries:
+    return "nothing (the folder is empty)"
+  more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
+  return ", ".join(entries[:limit]) + more
+
+
+def _flag(name: str, field: str) -> str:
+  """The command-line flag that sets `field` of the config block reading dataset `name`: the
+  task's dialogs are config.data, the reward stage's data config.reward.data."""
+  return f"--config.{'data' if name == 'taskmaster_dialogs' else 'reward.data'}.{field}"
+
+
+def _first_file(manual_dir: str, *candidates: str) -> str | None:
+  return next((c for c in candidates if os.path.isfile(os.path.join(manual_dir, c))), None)
+
+
 class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes the unified schema; subclasses say which files feed which split and parse a row."""
 
   VERSION = tfds.core.Version(_VERSION)
+  RELEASE_NOTES = _RELEASE_NOTES
   KIND = PAIRWISE
+  EMPTY_RESPONSES = False  # True: a pointwise "" response is a labelled row, not a malformed one
   # TFDS looks for a checksums file beside a builder's code through the `importlib_resources`
   # backport, which it does not declare (and which is not installed). These builders download
   # nothing, so they have no checksums and no code path to search.
@@ -221,6 +355,31 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         disable_shuffling=True,  # rows come back in file order
     )
 
+  # download_and_prepare prints "Downloading and preparing dataset Unknown size ..." and "...
+  # Subsequent calls will reuse this data."; prepared_builder prints its own lines instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+  @classmethod
+  def manual_files(cls, manual_dir: str, config: str | None) -> dict[str, list[str]]:
+    """{split: files relative to manual_dir} that the builder reads for `config` (a config name,
+    or None for a builder without configs); MissingManualFiles, one line, if some are absent."""
+    raise NotImplementedError
+
+  @classmethod
+  def _missing(cls, manual_dir: str, config: str | None, missing: list[str],
+               fix: str = "") -> MissingManualFiles:
+    """The error for files or folders `missing` ([] when manual_dir is absent or empty)."""
+    where = cls.name + (f" (config {config!r})" if config else "")
+    fix = fix or (f"copy the published files there or point {_flag(cls.name, 'manual_dir')} at "
+                  f"them; expected: {' '.join(cls.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}")
+    problem = (f"lacks {', '.join(missing)}; it holds {_listing(manual_dir)}" if missing else
+               "does not exist" if not os.path.isdir(manual_dir) else "is empty")
+    return MissingManualFiles(f"{where}: manual dir {manual_dir} {problem}; fix: {fix}")
+
   def _manual_dir(self, dl_manager) -> str:
     try:
       manual_dir = os.fspath(dl_manager.manual_dir)
@@ -229,69 +388,70 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     self.info.metadata["manual_dir"] = os.path.abspath(manual_dir)
     self.info.metadata.setdefault("kind", self.KIND)
     self.info.metadata.setdefault("skipped", {})
+    self.info.metadata.setdefault("partial", {})
     self.info.metadata.setdefault("files", {})
     return manual_dir
 
-  def _instructions(self) -> str:
-    return textwrap.dedent(self.MANUAL_DOWNLOAD_INSTRUCTIONS).strip()
-
-  def _require_file(self, manual_dir: str, *candidates: str) -> str:
-    """The first of `candidates` (relative paths) that exists, or an error naming them all."""
-    for candidate in candidates:
-      if os.path.isfile(os.path.join(manual_dir, candidate)):
-        return candidate
-    raise FileNotFoundError(
-        f"{self.name}: expected {' or '.join(candidates)} in manual dir {manual_dir}.\n"
-        + self._instructions())
+  def _split_files(self, dl_manager) -> tuple[str, dict[str, list[str]]]:
+    manual_dir = self._manual_dir(dl_manager)
+    config = self.builder_config.name if self.BUILDER_CONFIGS else None
+    return manual_dir, self.manual_files(manual_dir, config)
 
   def _generate_examples(self, split: str, manual_dir: str, names: list[str],
                          reader: Callable[[str, str], Iterator[Row]] = _read_json_lines,
                          keep: Callable[[str, Any], bool] | None = None):
     """Generator of one split's examples from the files `names` (relative to manual_dir).
 
-    keep(source, value), if given, says whether a row (read or not) belongs to this split.
+    keep(source, value), if given, says whether a row (read or not) belongs to this split; a file
+    cut part-way counts against the split that keep(source of the cut, None) names.
     """
     self.info.metadata["files"][split] = names
-    skipped, usable = [], 0
+    skipped, cuts, usable = [], [], 0
     for name in names:
-      for source, value, error in reader(os.path.join(manual_dir, name), name):
-        if keep is not None and not keep(source, value):
-          continue
-        try:
-          if error:
-            raise MalformedRow(error)
-          parsed = self._parse(value)
-          examples = parsed if isinstance(parsed, list) else [parsed]
-          for example in examples:
-            example["source"] = source
-            _check_example(example, self.info.metadata["kind"])
-        except MalformedRow as e:
-          skipped.append(f"{source}: {e}")
-          continue
-        usable += len(examples)
-        if isinstance(parsed, list):  # one row, several examples (a dialog's agent turns)
-          for index, example in enumerate(examples):
-            yield f"{source}#{index}", example
-        else:
-          yield source, parsed
+      try:
+        for source, value, error in reader(os.path.join(manual_dir, name), name):
+          if keep is not None and not keep(source, value):
+            continue
+          try:
+            if error:
+              raise MalformedRow(error)
+            parsed = self._parse(value)
+            examples = parsed if isinstance(parsed, list) else [parsed]
+            for example in examples:
+              example["source"] = source
+              _check_example(example, self.info.metadata["kind"], self.EMPTY_RESPONSES)
+          except MalformedRow as e:
+            skipped.append(f"{source}: {e}")
+            continue
+          usable += len(examples)
+          if isinstance(parsed, list):  # one row, several examples (a dialog's agent turns)
+            for index, example in enumerate(examples):
+              yield f"{source}#{index}", example
+          else:
+            yield source, parsed
+      except FileCut as e:
+        if keep is None or keep(f"{name}:{e.cut['line']}", None):
+          cuts.append(e.cut)
+          logging.warning("%s/%s: %s %s", self.name, split, name, describe_cut(e.cut))
     self.info.metadata["skipped"][split] = skipped
+    self.info.metadata["partial"][split] = cuts
     if skipped:
       logging.warning("%s/%s: skipped %d malformed rows, e.g. %s", self.name, split, len(skipped),
                       skipped[0])
     if not usable:
+      cut_files = "".join(f"; {cut['file']} {describe_cut(cut)}" for cut in cuts)
       raise ValueError(
           f"{self.name}: split {split!r} has no usable rows in {names} under {manual_dir} "
-          f"({len(skipped)} malformed rows, first: {skipped[:3]})")
+          f"({len(skipped)} malformed rows, first: {skipped[:3]}{cut_files})")
 
-  def _taskmaster_files(self, manual_dir: str, folder: str, prefix: str) -> list[str]:
+  @classmethod
+  def _taskmaster_files(cls, manual_dir: str, folder: str, prefix: str) -> list[str]:
     """`<prefix>*.json` in manual_dir/<folder>/ (the TM-4-2024 layout) or in manual_dir."""
     where = folder if os.path.isdir(os.path.join(manual_dir, folder)) else ""
     names = sorted(os.path.join(where, f) for f in os.listdir(os.path.join(manual_dir, where))
                    if f.startswith(prefix) and f.endswith(".json"))
     if not names:
-      raise FileNotFoundError(
-          f"{self.name}: expected {prefix}*.json in manual dir {manual_dir} or in its {folder}/ "
-          "folder.\n" + self._instructions())
+      raise cls._missing(manual_dir, None, [f"{folder}/{prefix}*.json (or {prefix}*.json)"])
     return names
 
   def _parse(self, row: Any) -> dict | list[dict]:
@@ -344,12 +504,32 @@ class AnthropicHh(_PreferenceBuilder, skip_registration=True):
   accepted). red-team-attempts/ is not preference data and is not read.
   """
 
+  @classmethod
+  def manual_files(cls, manual_dir, config):
+    found = {(subset, split): _first_file(manual_dir, f"{subset}/{split}.jsonl.gz",
+                                          f"{subset}/{split}.jsonl")
+             for subset in _HH_SUBSETS for split in ("train", "test")}
+    subsets = _HH_SUBSETS if config == "all" else (config,)
+    missing = []
+    for subset in subsets:
+      if not os.path.isdir(os.path.join(manual_dir, subset)):
+        missing.append(f"{subset}/")
+      else:
+        missing += [f"{subset}/{split}.jsonl.gz" for split in ("train", "test")
+                    if not found[subset, split]]
+    if missing:
+      complete = [subset for subset in _HH_SUBSETS
+                  if found[subset, "train"] and found[subset, "test"]]
+      flag = _flag(cls.name, "config")
+      fix = (f"read the subset{'s' if len(complete) > 1 else ''} present with "
+             + " or ".join(f"{flag}={subset}" for subset in complete) if complete else
+             f"point {_flag(cls.name, 'manual_dir')} at a clone of huggingface.co/datasets/"
+             "Anthropic/hh-rlhf (each subset folder holds train.jsonl.gz and test.jsonl.gz)")
+      raise cls._missing(manual_dir, config, missing, fix)
+    return {split: [found[subset, split] for subset in subsets] for split in ("train", "test")}
+
   def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
-    subsets = _HH_SUBSETS if self.builder_config.name == "all" else (self.builder_config.name,)
-    files = {split: [self._require_file(manual_dir, f"{subset}/{split}.jsonl.gz",
-                                        f"{subset}/{split}.jsonl") for subset in subsets]
-             for split in ("train", "test")}
+    manual_dir, files = self._split_files(dl_manager)
     return {split: self._generate_examples(split, manual_dir, names)
             for split, names in files.items()}
 
@@ -378,19 +558,21 @@ class TldrComparisons(_PreferenceBuilder, skip_registration=True):
   batch0_cnndm.json (CNN/DM news articles, not Reddit posts) is not read.
   """
 
-  def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
+  @classmethod
+  def manual_files(cls, manual_dir, config):
     folder = "comparisons" if os.path.isdir(os.path.join(manual_dir, "comparisons")) else ""
     names = sorted(
         os.path.join(folder, f) if folder else f
         for f in os.listdir(os.path.join(manual_dir, folder))
         if f.startswith("batch") and f.endswith(".json") and f not in _CNNDM_FILES)
     if not names:
-      raise FileNotFoundError(
-          f"{self.name}: expected comparisons/batch*.json in manual dir {manual_dir}.\n"
-          + self._instructions())
+      raise cls._missing(manual_dir, config, ["comparisons/batch*.json"])
+    return {split: names for split in _TLDR_SPLITS}
+
+  def _split_generators(self, dl_manager):
+    manual_dir, files = self._split_files(dl_manager)
     return {split: self._generate_examples(split, manual_dir, names, keep=self._keep(split))
-            for split in _TLDR_SPLITS}
+            for split, names in files.items()}
 
   @staticmethod
   def _keep(split: str) -> Callable[[str, Any], bool]:
@@ -437,17 +619,21 @@ class Shp(_PreferenceBuilder, skip_registration=True):
   test.json in JSON lines (post_id, history, human_ref_A, human_ref_B, labels, ...).
   """
 
-  def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
+  @classmethod
+  def manual_files(cls, manual_dir, config):
     subreddits = sorted(
         d for d in os.listdir(manual_dir)
         if any(os.path.isfile(os.path.join(manual_dir, d, f"{s}.json")) for s in _SHP_SPLITS))
-    if not subreddits:
-      raise FileNotFoundError(
-          f"{self.name}: expected <subreddit>/train.json, validation.json, test.json in manual "
-          f"dir {manual_dir}.\n" + self._instructions())
-    files = {split: [self._require_file(manual_dir, f"{d}/{split}.json") for d in subreddits]
-             for split in _SHP_SPLITS}
+    files = {split: [f"{d}/{split}.json" for d in subreddits] for split in _SHP_SPLITS}
+    missing = [name for names in files.values() for name in names
+               if not os.path.isfile(os.path.join(manual_dir, name))]
+    if not subreddits or missing:
+      raise cls._missing(manual_dir, config,
+                         missing or ["<subreddit>/train.json, validation.json, test.json"])
+    return files
+
+  def _split_generators(self, dl_manager):
+    manual_dir, files = self._split_files(dl_manager)
     return {split: self._generate_examples(split, manual_dir, names)
             for split, names in files.items()}
 
@@ -532,28 +718,44 @@ class Taskmaster(_PreferenceBuilder, skip_registration=True):
   sha256 of the dialog's opening (see taskmaster_dialog_key), 10% test.
   """
 
+  EMPTY_RESPONSES = True  # an empty agent turn is a labelled response (a real negative)
+
+  @classmethod
+  def manual_files(cls, manual_dir, config):
+    names = cls._taskmaster_files(manual_dir, "reward", "reward_")
+    return {"train": names, "test": names}
+
   def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
-    names = self._taskmaster_files(manual_dir, "reward", "reward_")
+    manual_dir, files = self._split_files(dl_manager)
+
+    def keep(split):
+      def keep_row(source, row):  # unreadable rows are reported with the train split
+        return split == "train" if row is None else taskmaster_split(row, source) == split
+      return keep_row
+
     return {split: self._generate_examples(split, manual_dir, names, reader=_read_json_rows,
-                               keep=lambda source, row, split=split:
-                               taskmaster_split(row, source) == split)
-            for split in ("train", "test")}
+                                           keep=keep(split))
+            for split, names in files.items()}
 
   def _parse(self, row):
     conversation_id = _field(row, "conversation_id")
+    generation_text = _field(row, "generation")
     try:
       turns = json.loads(_field(row, "context"))
-      generation = json.loads(_field(row, "generation"))
+      generation = json.loads(generation_text) if generation_text.strip() else {"role": "agent"}
     except json.JSONDecodeError as e:
       raise MalformedRow(f"context or generation is not JSON: {e.msg}")
     if not isinstance(turns, list):
       raise MalformedRow("context is not a JSON list of turns")
+    if generation == {}:
+      generation = {"role": "agent"}
     if not isinstance(generation, dict) or generation.get("role") != "agent":
       raise MalformedRow("generation is not an agent turn")
     label = _binary_label(_field(row, "reward", (int, float)), "reward")
-    return _pointwise(taskmaster_prompt(turns), render_taskmaster_content(generation), label,
-                      conversation_id)
+    # An empty agent turn ("", "{}", no text, blank text) is a labelled response: "".
+    empty = not any(generation.get(key) for key in ("text", "api", "response"))
+    response = "" if empty else render_taskmaster_content(generation)
+    return _pointwise(taskmaster_prompt(turns), response, label, conversation_id)
 
 
 # The Taskmaster-4 Coffee dialogs: demonstrations (context, next agent turn) for SFT and RL prompts.
@@ -626,9 +828,13 @@ class TaskmasterDialogs(_PreferenceBuilder, skip_registration=True):
   70% (SFT).
   """
 
+  @classmethod
+  def manual_files(cls, manual_dir, config):
+    names = cls._taskmaster_files(manual_dir, "data", "data_")
+    return {split: names for split in ("train", "rl", "test")}
+
   def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
-    names = self._taskmaster_files(manual_dir, "data", "data_")
+    manual_dir, files = self._split_files(dl_manager)
 
     def keep(split):
       def keep_row(source, row):
@@ -640,7 +846,7 @@ class TaskmasterDialogs(_PreferenceBuilder, skip_registration=True):
 
     return {split: self._generate_examples(split, manual_dir, names, reader=_read_json_rows,
                                            keep=keep(split))
-            for split in ("train", "rl", "test")}
+            for split, names in files.items()}
 
   def _parse(self, row):
     conversation_id = _field(row, "conversation_id")
@@ -672,16 +878,25 @@ class JsonlPreferences(_PreferenceBuilder, skip_registration=True):
   {"prompt", "response", "label" (0 or 1)}. The kind is that of the first train row that has one.
   """
 
+  @classmethod
+  def manual_files(cls, manual_dir, config):
+    train = _first_file(manual_dir, "train.jsonl", "train.jsonl.gz")
+    if train is None:
+      raise cls._missing(manual_dir, config, ["train.jsonl (or train.jsonl.gz)"])
+    test = _first_file(manual_dir, "test.jsonl", "test.jsonl.gz")
+    return {"train": [train], **({"test": [test]} if test else {})}
+
   def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
-    files = {"train": self._require_file(manual_dir, "train.jsonl", "train.jsonl.gz")}
+    manual_dir, names = self._split_files(dl_manager)
+    files = {split: split_names[0] for split, split_names in names.items()}
+    kind = None
     try:
-      files["test"] = self._require_file(manual_dir, "test.jsonl", "test.jsonl.gz")
-    except FileNotFoundError:
-      pass
-    kinds = (_row_kind(row) for _, row, _ in
-             _read_json_lines(os.path.join(manual_dir, files["train"]), files["train"]))
-    kind = next((kind for kind in kinds if kind), None)
+      for _, row, _ in _read_json_lines(os.path.join(manual_dir, files["train"]), files["train"]):
+        kind = _row_kind(row)
+        if kind:
+          break
+    except FileCut:
+      pass  # _generate_examples reports the cut
     if kind is None:
       raise ValueError(f"{self.name}: no row of {os.path.join(manual_dir, files['train'])} is "
                        "pairwise {prompt, chosen, rejected} or pointwise {prompt, response, label}")
@@ -710,30 +925,157 @@ BUILDERS = {cls.name: cls for cls in (AnthropicHh, TldrComparisons, Shp, Taskmas
 assert tuple(BUILDERS) == PREFERENCE_DATASETS
 
 
-def prepared_builder(name: str, manual_dir: str, data_dir: str, config: str | None = None):
-  """The builder of `name`, its array_record files prepared under data_dir if they were not."""
+def _builder_class(name: str):
   if name not in BUILDERS:
     raise ValueError(f"unknown preference dataset {name!r}; known: {PREFERENCE_DATASETS}")
-  data_dir = os.path.expanduser(data_dir)
+  return BUILDERS[name]
+
+
+def _config_name(cls, config: str | None) -> str | None:
+  """The builder config `config` names (None/"": the default), None for a builder without."""
+  names = [c.name for c in cls.BUILDER_CONFIGS]
+  if not names:
+    if config:
+      raise ValueError(f"{cls.name} has no configs; got config {config!r}: leave "
+                       f"{_flag(cls.name, 'config')} empty")
+    return None
+  config = config or cls.DEFAULT_BUILDER_CONFIG_NAME
+  if config not in names:
+    raise ValueError(f"{cls.name} has no config {config!r}; it has {names} "
+                     f"({_flag(cls.name, 'config')})")
+  return config
+
+
+def _path(path) -> str:
+  return os.path.expanduser(os.fspath(path))
+
+
+def check_manual_files(name: str, manual_dir: str, config: str | None) -> None:
+  """Raises a one-line ValueError (MissingManualFiles, also a FileNotFoundError) naming the
+  dataset, the config, the missing files or folders, what the manual dir holds and the fix, when
+  the builder of `name` could not read its files from manual_dir. Cheap: it only lists folders."""
+  cls = _builder_class(name)
+  config = _config_name(cls, config)
+  manual_dir = _path(manual_dir)
+  if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+    raise cls._missing(manual_dir, config, [])
+  cls.manual_files(manual_dir, config)
+
+
+def _file_digest(path: str) -> dict:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(name: str, manual_dir: str, config: str | None = None) -> dict:
+  """What the builder of `name` reads from manual_dir, by content: {"dataset", "config" (the
+  builder config, its default if None; "" for a builder without), "builder_version", "files":
+  {path relative to manual_dir: {"bytes", "sha256"}}, "sha256": one hash over all of it}.
+
+  Content only: touching a file (its mtime) does not change it; editing one does. Raises
+  MissingManualFiles like check_manual_files when files are absent.
+  """
+  cls = _builder_class(name)
+  config = _config_name(cls, config)
+  manual_dir = _path(manual_dir)
+  check_manual_files(name, manual_dir, config)
+  names = sorted({n for names in cls.manual_files(manual_dir, config).values() for n in names})
+  fingerprint = {"dataset": name, "config": config or "", "builder_version": str(cls.VERSION),
+                 "files": {n: _file_digest(os.path.join(manual_dir, n)) for n in names}}
+  fingerprint["sha256"] = hashlib.sha256(
+      json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()
+  return fingerprint
+
+
+def _prepared_earlier(cls, data_dir: str, config: str | None) -> list:
+  """Builders of the datasets prepared under data_dir (one folder per fingerprint)."""
+  prepared = []
+  for folder in sorted(glob.glob(os.path.join(glob.escape(data_dir), f"{cls.name}-*"))):
+    builder = cls(data_dir=folder, config=config, file_format="array_record")
+    if _is_prepared(builder):
+      prepared.append(builder)
+  return prepared
+
+
+def _is_prepared(builder) -> bool:
+  # is_prepared() alone warns about a variant folder without dataset_info.json, which TFDS
+  # writes when the preparation is complete.
+  return (os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json"))
+          and builder.is_prepared())
+
+
+def prepared_builder(name: str, manual_dir: str, data_dir: str, config: str | None = None):
+  """The builder of `name`, its array_record files prepared if they were not.
+
+  The data is prepared into `<data_dir>/<name>-<fingerprint sha256[:12]>`, so a changed file in
+  manual_dir gives a fresh preparation. When manual_dir is absent and data_dir holds exactly one
+  preparation of the dataset, that one is read (and said so).
+  """
+  cls = _builder_class(name)
+  config = _config_name(cls, config)
+  manual_dir, data_dir = _path(manual_dir), _path(data_dir)
+  label = name + (f"/{config}" if config else "")
   tfds.disable_progress_bar()  # our stages print their own progress lines
-  builder = BUILDERS[name](data_dir=data_dir, config=config, file_format="array_record")
+  if not os.path.isdir(manual_dir):
+    earlier = _prepared_earlier(cls, data_dir, config)
+    if len(earlier) == 1:
+      print(f"[data] {label}: manual dir {manual_dir} is absent; reading what was prepared from "
+            f"{earlier[0].info.metadata.get('manual_dir')} in {earlier[0].data_dir}", flush=True)
+      return earlier[0]
+  fingerprint = data_fingerprint(name, manual_dir, config)  # checks the manual files first
+  builder = cls(data_dir=os.path.join(data_dir, f"{name}-{fingerprint['sha256'][:12]}"),
+                config=config, file_format="array_record")
+  if _is_prepared(builder):
+    return builder
+  print(f"[data] preparing {label} from {manual_dir} into {builder.data_dir} ...", flush=True)
+  started = time.time()
+  builder.info.metadata["fingerprint"] = fingerprint
   builder.download_and_prepare(
       file_format="array_record",
       download_dir=os.path.join(data_dir, "downloads"),
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)))
-  prepared_from = builder.info.metadata.get("manual_dir")
-  if prepared_from and prepared_from != os.path.abspath(os.path.expanduser(manual_dir)):
-    logging.warning("%s was prepared from %s, not %s; delete %s to prepare it again", name,
-                    prepared_from, manual_dir, builder.data_dir)
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  metadata = builder.info.metadata
+  rows = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
+  skipped = sum(map(len, metadata["skipped"].values()))
+  cuts = sum(map(len, metadata["partial"].values()))
+  print(f"[data] prepared {label}: {rows} rows ({skipped} malformed rows skipped"
+        f"{f', {cuts} files unreadable part-way' if cuts else ''}) in "
+        f"{time.time() - started:.1f} s", flush=True)
   return builder
 
 
+def _partial_message(name: str, cuts: list[dict], manual_dir: str) -> str:
+  first = cuts[0]
+  text = f"{name}: {os.path.join(manual_dir, first['file'])} is {describe_cut(first)}"
+  for cut in cuts[1:]:
+    text += f"; and {cut['file']} is {describe_cut(cut)}"
+  return text
+
+
 def load_preferences(name: str, split: str, manual_dir: str, data_dir: str,
-                     config: str | None = None) -> Preferences:
-  """All rows of one split, in file order, preparing the dataset first if needed."""
+                     config: str | None = None, allow_partial: bool = False) -> Preferences:
+  """All rows of one split, in file order, preparing the dataset first if needed.
+
+  If a file of the dataset (any split) stopped being readable part-way: PartialFileError, unless
+  allow_partial, which prints a warning line and counts the lost rows in rows_skipped (of the
+  split the cut is reported with).
+  """
   builder = prepared_builder(name, manual_dir, data_dir, config)
   if split not in builder.info.splits:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}")
+  metadata = builder.info.metadata
+  partial = metadata.get("partial", {})
+  every_cut = [cut for cuts in partial.values() for cut in cuts]
+  if every_cut:
+    message = _partial_message(name, every_cut, metadata.get("manual_dir", _path(manual_dir)))
+    if not allow_partial:
+      raise PartialFileError(f"{message}. Repair or copy the file again, or set "
+                             f"{_flag(name, 'allow_partial')}=True to train on the rows read")
+    print(f"[data] warning: {message}; allow_partial=True: training on the rows read, the lost "
+          "rows counted as skipped", flush=True)
   source = builder.as_data_source(split=split)
   columns = {key: [] for key in _TEXT_FIELDS}
   labels = np.zeros(len(source), np.float32)
@@ -744,8 +1086,11 @@ def load_preferences(name: str, split: str, manual_dir: str, data_dir: str,
       for key in _TEXT_FIELDS:
         columns[key].append(example[key].decode("utf-8"))
       labels[index] = example["label"]
-  skipped = list(builder.info.metadata["skipped"].get(split, []))
+  cuts = partial.get(split, [])
+  skipped = list(metadata["skipped"].get(split, []))
+  rows_skipped = len(skipped) + sum(cut["rows_lost"] or 0 for cut in cuts)
+  skipped = [f"{cut['file']}:{cut['line']}: {describe_cut(cut)}" for cut in cuts] + skipped
   return Preferences(
-      kind=builder.info.metadata["kind"], prompts=columns["prompt"], chosen=columns["chosen"],
+      kind=metadata["kind"], prompts=columns["prompt"], chosen=columns["chosen"],
       rejected=columns["rejected"], labels=labels, sources=columns["source"],
-      rows_skipped=len(skipped), skipped=skipped, conversation_ids=columns["conversation_id"])
+      rows_skipped=rows_skipped, skipped=skipped, conversation_ids=columns["conversation_id"])
