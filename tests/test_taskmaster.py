@@ -86,6 +86,26 @@ def test_dialogs_become_demonstrations_of_each_agent_turn(tmp_path):
   assert (rl.chosen, rl.sources) == (["Hot or iced?"], [f"data/data_00.json:{line_of['dlg-5']}"])
 
 
+def test_dialogs_file_cut_part_way_fails_the_task_unless_data_allow_partial(tmp_path):
+  rows = [dialog(f"dlg-{i}", utterance("user", f"one latte number {i}"),
+                 utterance("assistant", f"Order {i} coming up.")) for i in range(40)]
+  text = json.dumps(rows, indent=4)
+  cut_at = text.index('"dlg-25"')
+  os.makedirs(tmp_path / "tm/data")
+  (tmp_path / "tm/data/data_00.json").write_text(text[:cut_at] + "@@ " + text[cut_at:])
+  config = taskmaster_config.get_config()
+  config.data.manual_dir = str(tmp_path / "tm")
+  with pytest.raises(preferences.PartialFileError,
+                     match=r"data/data_00.json is unreadable from line \d+ \(15 rows lost\).*"
+                           r"--config.data.allow_partial=True"):
+    taskmaster.demonstrations(config, str(tmp_path), "train")
+  config.data.allow_partial = True
+  splits = {split: taskmaster.demonstrations(config, str(tmp_path), split)
+            for split in ("train", "rl", "test")}
+  assert sum(len(d.prompts) for d in splits.values()) == 25  # one demonstration per dialog
+  assert splits["train"].rows_skipped == 15  # unreadable dialogs count with the train split
+
+
 @needs_released
 def test_released_dialogs_split_like_the_reward_examples(tmp_path):
   published = [d for f in sorted(os.listdir(f"{RELEASED}/data"))
@@ -125,7 +145,7 @@ def test_judge_compares_with_the_published_turn():
 def test_taskmaster_needs_the_published_files(tmp_path):
   config = taskmaster_config.get_config()
   config.stages = ("sft",)
-  with pytest.raises(ValueError, match="--config.data.manual_dir"):
+  with pytest.raises(ValueError, match="data.manual_dir"):
     main.run(config, str(tmp_path))
 
 
