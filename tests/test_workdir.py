@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import struct
+import time
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +293,48 @@ def test_a_huge_learning_rate_stops_with_the_divergence_message(tmp_path):
   with pytest.raises(errors.TrainingStopped, match="stuck for 10 steps"):
     main_lib.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "reward" / "best")  # never a collapsed model
+
+
+_KILLABLE = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from test_train import _fit, _problem
+batch_at = _problem()[1]
+def slow(step):
+  time.sleep(0.01)  # long enough that kills land between, during and after checkpoints
+  return batch_at(step)
+_fit(sys.argv[1], slow, steps=60)
+"""
+
+
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path):
+  """The train loop under real SIGKILLs (5 at random moments: start-up, steps, checkpoint
+  writes); the whole stages are killed the same way by experiments/kill_resume.py."""
+  import signal
+  import subprocess
+  import sys
+  script = tmp_path / "killable.py"
+  script.write_text(_KILLABLE)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  run = lambda workdir: subprocess.Popen([sys.executable, str(script), str(workdir),
+                                          os.path.dirname(__file__)], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  t0 = time.time()
+  assert run(tmp_path / "straight").wait(timeout=300) == 0
+  duration = time.time() - t0
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    proc = run(tmp_path / "killed")
+    try:
+      proc.wait(timeout=float(rng.uniform(0.4, 1.0)) * duration)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+  assert run(tmp_path / "killed").wait(timeout=300) == 0
+  straight = _jsonl(tmp_path / "straight" / "metrics.jsonl")
+  killed = _jsonl(tmp_path / "killed" / "metrics.jsonl")
+  assert [r["step"] for r in killed] == [r["step"] for r in straight]
+  for a, b in zip(straight, killed):
+    assert a == b  # bit-exact: same batches, same random numbers, same float results
+  assert _tb_scalars(str(tmp_path / "killed" / "tb")) == _tb_scalars(str(tmp_path / "straight" /
+                                                                        "tb"))
