@@ -4,9 +4,10 @@ r"""kill -9 at random points of a stage, again and again, then resume: same resu
 
 Runs a small demo pipeline (sft -> prefs -> reward -> rl) once without interruption. Then, for each
 stage in --stages, copies the finished earlier stages into a fresh workdir and runs only that stage
-as `python -m perl_jax.main`, killing it with SIGKILL after a random delay --kills times (delays
-spread over the stage's own uninterrupted duration, so kills land in start-up, compilation,
-training, evaluation and checkpoint writes), and finally lets it finish. It then compares with the
+as `python -m perl_jax.main`, killing it with SIGKILL --kills times, each a random number of
+its own output lines (up to a fifth of a whole run's) plus up to 1.5 s after the previous resume,
+or 2-8 s after start (start-up, compilation), so that the kills spread over training, evaluation
+and checkpoint writes; and finally lets it finish. It then compares with the
 uninterrupted run: the stage's results (result.json), its metrics.jsonl lines and its TensorBoard
 scalars, which must be equal (bit-exact where resume is; --atol sets the tolerance) with no
 duplicate steps. Prints one line per kill and a verdict per stage; exits 1 on any difference.
@@ -57,30 +58,43 @@ def _env() -> dict:
   return dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
 
 
-def _run(workdir: str, stages: list[str]) -> float:
-  t0 = time.perf_counter()
+def _run(workdir: str, stages: list[str]) -> list[str]:
+  """Runs the stages to the end; returns the stdout lines."""
   proc = subprocess.run(_command(workdir, stages), cwd=ROOT, env=_env(), capture_output=True,
                         text=True)
   if proc.returncode:
     raise RuntimeError(f"{stages} in {workdir} failed:\n{proc.stdout[-3000:]}\n"
                        f"{proc.stderr[-3000:]}")
-  return time.perf_counter() - t0
+  return proc.stdout.splitlines()
 
 
-def _kill_after(workdir: str, stage: str, delay: float) -> str:
-  """Starts the stage, SIGKILLs it after `delay` s; returns where it was (its last log line)."""
-  log = open(os.path.join(workdir, f"kill-{time.time():.0f}.log"), "w")
-  proc = subprocess.Popen(_command(workdir, [stage]), cwd=ROOT, env=_env(), stdout=log,
-                          stderr=subprocess.STDOUT, start_new_session=True)
-  try:
-    proc.wait(timeout=delay)
+def _kill_at(workdir: str, stage: str, after_lines: int, delay: float) -> str:
+  """Starts the stage and SIGKILLs it `delay` s after it printed `after_lines` lines of its own
+  (0: `delay` s after start, in start-up or compilation); returns where it was."""
+  log = open(os.path.join(workdir, f"kill-{time.time():.3f}.log"), "w")
+  proc = subprocess.Popen(_command(workdir, [stage]), cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  seen, last = 0, "(before the stage printed anything)"
+  deadline = time.time() + delay if after_lines == 0 else None
+  reader = iter(proc.stdout.readline, "")
+  while deadline is None:
+    line = next(reader, None)
+    if line is None:
+      proc.wait()
+      return "finished before the kill"
+    log.write(line)
+    if line.startswith(f"[{stage}]"):
+      seen, last = seen + 1, line.strip()[:100]
+      if seen >= after_lines:
+        deadline = time.time() + delay
+  time.sleep(max(0.0, deadline - time.time()))
+  if proc.poll() is not None:
     return "finished before the kill"
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
   log.close()
-  lines = [line.strip() for line in open(log.name) if line.startswith(f"[{stage}]")]
-  return lines[-1][:100] if lines else "(before the stage printed anything)"
+  return f"{delay:.1f}s after: {last}"
 
 
 def tb_scalars(tb_dir: str) -> dict:
@@ -151,25 +165,20 @@ def compare(reference: str, resumed: str, stage: str, atol: float) -> list[str]:
   return problems
 
 
-def kill_and_resume(reference: str, workdir: str, stage: str, kills: int, stage_seconds: float,
+def kill_and_resume(reference: str, workdir: str, stage: str, kills: int, stage_lines: int,
                     rng: np.random.Generator, atol: float) -> list[str]:
+  """`kills` SIGKILLs of the stage, each a random number of its output lines (up to a fifth of
+  an uninterrupted run's, so that the kills spread over the whole stage) plus up to 1.5 s after
+  the previous resume, then a run to the end; returns the differences from `reference`."""
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   for upstream in UPSTREAM[stage]:
     shutil.copytree(os.path.join(reference, upstream), os.path.join(workdir, upstream))
-  for name in ("tb", "metrics.jsonl"):  # the upstream stages' curves, as a pipeline has them
-    src = os.path.join(reference, name)
-    if os.path.isdir(src):
-      os.makedirs(os.path.join(workdir, name))
-    elif os.path.exists(src):
-      with open(os.path.join(workdir, name), "w") as f:
-        f.writelines(line for line in open(src)
-                     if not any(f'"{s}/' in line for s in [stage] + [
-                         t for t in ("sft", "reward", "rl") if t not in UPSTREAM[stage]]))
   for i in range(kills):
-    delay = float(rng.uniform(0.3, 1.0) * stage_seconds)
-    where = _kill_after(workdir, stage, delay)
-    print(f"  [{stage}] kill {i + 1}/{kills} after {delay:.1f}s: {where}", flush=True)
+    after = int(rng.integers(0, max(2, stage_lines // 5)))
+    delay = float(rng.uniform(2.0, 8.0) if after == 0 else rng.uniform(0.0, 1.5))
+    where = _kill_at(workdir, stage, after, delay)
+    print(f"  [{stage}] kill {i + 1}/{kills} after {after} lines + {where}", flush=True)
   _run(workdir, [stage])
   return compare(reference, workdir, stage, atol)
 
@@ -185,17 +194,19 @@ def main(argv=None) -> int:
   stages = args.stages.split(",")
   reference = os.path.join(args.root, "reference")
   shutil.rmtree(reference, ignore_errors=True)
-  seconds = {}
+  lines = {}
   for stage in ("sft", "prefs", "reward", "rl"):
-    seconds[stage] = _run(reference, [stage])
-    print(f"reference {stage}: {seconds[stage]:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    lines[stage] = sum(line.startswith(f"[{stage}]") for line in _run(reference, [stage]))
+    print(f"reference {stage}: {time.perf_counter() - t0:.1f}s, {lines[stage]} lines",
+          flush=True)
     if stage == max(stages, key=("sft", "prefs", "reward", "rl").index):
       break
   rng = np.random.default_rng(args.seed)
   failed = False
   for stage in stages:
     problems = kill_and_resume(reference, os.path.join(args.root, stage), stage, args.kills,
-                               seconds[stage], rng, args.atol)
+                               lines[stage], rng, args.atol)
     verdict = "identical to the uninterrupted run" if not problems else "; ".join(problems[:5])
     print(f"{stage}: {args.kills} kills, then resumed: {verdict}", flush=True)
     failed |= bool(problems)

@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perl_jax import errors
+
 PREFERENCE_DATASETS = ("anthropic_hh", "tldr_comparisons", "shp", "taskmaster",
                        "taskmaster_dialogs", "jsonl_preferences")
 PAIRWISE, POINTWISE, DEMONSTRATIONS = "pairwise", "pointwise", "demonstrations"
@@ -84,12 +86,12 @@ class Preferences:
 Row = tuple[str, Any, str]
 
 
-class PartialFileError(ValueError):
+class PartialFileError(errors.UserError, ValueError):
   """A file stopped being readable part-way and allow_partial is False; the message says which,
   from which line, how many rows were lost and how to train on what was read."""
 
 
-class MissingManualFiles(FileNotFoundError, ValueError):
+class MissingManualFiles(errors.UserError, FileNotFoundError, ValueError):
   """The manual dir lacks files the builder (and its config) reads; a one-line message."""
 
 
