@@ -4,10 +4,9 @@ r"""kill -9 at random points of a stage, again and again, then resume: same resu
 
 Runs a small demo pipeline (sft -> prefs -> reward -> rl) once without interruption. Then, for each
 stage in --stages, copies the finished earlier stages into a fresh workdir and runs only that stage
-as `python -m perl_jax.main`, killing it with SIGKILL --kills times, each a random number of
-its own output lines (up to a fifth of a whole run's) plus up to 1.5 s after the previous resume,
-or 2-8 s after start (start-up, compilation), so that the kills spread over training, evaluation
-and checkpoint writes; and finally lets it finish. It then compares with the
+as `python -m perl_jax.main`, killing it with SIGKILL --kills times at random steps (sorted;
+each kill up to 1.5 s after that step's log line, so in a step, an evaluation or a checkpoint
+write; step 0: 2-8 s after start, in start-up or compilation), each run resuming the last; and finally lets it finish. It then compares with the
 uninterrupted run: the stage's results (result.json), its metrics.jsonl lines and its TensorBoard
 scalars, which must be equal (bit-exact where resume is; --atol sets the tolerance) with no
 duplicate steps. Prints one line per kill and a verdict per stage; exits 1 on any difference.
@@ -19,6 +18,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -68,15 +68,16 @@ def _run(workdir: str, stages: list[str]) -> list[str]:
   return proc.stdout.splitlines()
 
 
-def _kill_at(workdir: str, stage: str, after_lines: int, delay: float) -> str:
-  """Starts the stage and SIGKILLs it `delay` s after it printed `after_lines` lines of its own
-  (0: `delay` s after start, in start-up or compilation); returns where it was."""
+def _kill_at(workdir: str, stage: str, at_step: int, delay: float) -> str:
+  """Starts the stage and SIGKILLs it `delay` s after it logged step `at_step` or later (0:
+  `delay` s after start, in start-up or compilation); returns where it was."""
   log = open(os.path.join(workdir, f"kill-{time.time():.3f}.log"), "w")
   proc = subprocess.Popen(_command(workdir, [stage]), cwd=ROOT, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
-  seen, last = 0, "(before the stage printed anything)"
-  deadline = time.time() + delay if after_lines == 0 else None
+  last = "(before the stage printed anything)"
+  deadline = time.time() + delay if at_step == 0 else None
+  step_line = re.compile(rf"^\[{stage}\] step (\d+)/")
   reader = iter(proc.stdout.readline, "")
   while deadline is None:
     line = next(reader, None)
@@ -85,8 +86,9 @@ def _kill_at(workdir: str, stage: str, after_lines: int, delay: float) -> str:
       return "finished before the kill"
     log.write(line)
     if line.startswith(f"[{stage}]"):
-      seen, last = seen + 1, line.strip()[:100]
-      if seen >= after_lines:
+      last = line.strip()[:90]
+      logged = step_line.match(line)
+      if logged and int(logged.group(1)) >= at_step:
         deadline = time.time() + delay
   time.sleep(max(0.0, deadline - time.time()))
   if proc.poll() is not None:
@@ -165,20 +167,20 @@ def compare(reference: str, resumed: str, stage: str, atol: float) -> list[str]:
   return problems
 
 
-def kill_and_resume(reference: str, workdir: str, stage: str, kills: int, stage_lines: int,
+def kill_and_resume(reference: str, workdir: str, stage: str, kills: int, steps: int,
                     rng: np.random.Generator, atol: float) -> list[str]:
-  """`kills` SIGKILLs of the stage, each a random number of its output lines (up to a fifth of
-  an uninterrupted run's, so that the kills spread over the whole stage) plus up to 1.5 s after
-  the previous resume, then a run to the end; returns the differences from `reference`."""
+  """`kills` SIGKILLs of the stage at random steps (sorted, so each resumed run reaches the
+  next; step 0 = in start-up or compilation), each up to 1.5 s after that step's log line (in
+  the next steps, an evaluation or a checkpoint write), then a run to the end; returns the
+  differences from `reference`."""
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   for upstream in UPSTREAM[stage]:
     shutil.copytree(os.path.join(reference, upstream), os.path.join(workdir, upstream))
-  for i in range(kills):
-    after = int(rng.integers(0, max(2, stage_lines // 5)))
-    delay = float(rng.uniform(2.0, 8.0) if after == 0 else rng.uniform(0.0, 1.5))
-    where = _kill_at(workdir, stage, after, delay)
-    print(f"  [{stage}] kill {i + 1}/{kills} after {after} lines + {where}", flush=True)
+  for i, at_step in enumerate(sorted(rng.integers(0, steps, kills))):
+    delay = float(rng.uniform(2.0, 8.0) if at_step == 0 else rng.uniform(0.0, 1.5))
+    where = _kill_at(workdir, stage, int(at_step), delay)
+    print(f"  [{stage}] kill {i + 1}/{kills} at step >= {at_step} + {where}", flush=True)
   _run(workdir, [stage])
   return compare(reference, workdir, stage, atol)
 
@@ -194,11 +196,13 @@ def main(argv=None) -> int:
   stages = args.stages.split(",")
   reference = os.path.join(args.root, "reference")
   shutil.rmtree(reference, ignore_errors=True)
-  lines = {}
+  steps = {}
   for stage in ("sft", "prefs", "reward", "rl"):
     t0 = time.perf_counter()
-    lines[stage] = sum(line.startswith(f"[{stage}]") for line in _run(reference, [stage]))
-    print(f"reference {stage}: {time.perf_counter() - t0:.1f}s, {lines[stage]} lines",
+    logged = [int(m.group(1)) for line in _run(reference, [stage])
+              for m in [re.match(rf"^\[{stage}\] step (\d+)/", line)] if m]
+    steps[stage] = max(logged, default=0)
+    print(f"reference {stage}: {time.perf_counter() - t0:.1f}s, {steps[stage]} steps",
           flush=True)
     if stage == max(stages, key=("sft", "prefs", "reward", "rl").index):
       break
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
   failed = False
   for stage in stages:
     problems = kill_and_resume(reference, os.path.join(args.root, stage), stage, args.kills,
-                               lines[stage], rng, args.atol)
+                               steps[stage], rng, args.atol)
     verdict = "identical to the uninterrupted run" if not problems else "; ".join(problems[:5])
     print(f"{stage}: {args.kills} kills, then resumed: {verdict}", flush=True)
     failed |= bool(problems)
