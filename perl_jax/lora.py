@@ -8,13 +8,18 @@ A projection contracts the trailing `in_shape` axes of its input with a frozen k
 The frozen kernel lives in the `params` collection under the same path as without LoRA; A and B live
 in the `adapter` collection (`.../lora_a`, `.../lora_b`), so one backbone can be applied with any
 adapter set, or with none (the anchor). `lora_b` starts at zero, so a fresh adapter is the identity.
+
+An adapter set must fit its model exactly: applied with an adapter collection, a model raises if a
+targeted projection's A/B is missing or misshapen, or if the collection holds leaves for anything
+else than its targets and the score head (`check_adapter_targets`; `check_adapter_tree` compares a
+loaded tree with the expected shapes). Only an absent collection means "adapters off".
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,7 +49,10 @@ def _contract(x, kernel, n_in: int):
 
 
 class LoRAProjection(nn.Module):
-  """A frozen linear projection `in_shape -> out_shape` with an optional LoRA adapter."""
+  """A frozen linear projection `in_shape -> out_shape` with an optional LoRA adapter.
+
+  With `lora` set, applying it without its `lora_a`/`lora_b` (or with other shapes) raises: build
+  it with lora=None for the bare projection."""
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   lora: LoRASpec | None = None
@@ -63,19 +71,36 @@ class LoRAProjection(nn.Module):
     if self.lora is None:
       return y
     spec = self.lora
-    if self.is_initializing() or self.has_variable(ADAPTER, "lora_a"):
-      a_init = lambda rng: nn.initializers.kaiming_uniform()(
-          rng, (fan_in, spec.rank), spec.dtype).reshape(self.in_shape + (spec.rank,))
-      lora_a = self.variable(ADAPTER, "lora_a", a_init, self.make_rng("params")
-                             if self.is_initializing() else None).value
-      lora_b = self.variable(ADAPTER, "lora_b", jnp.zeros, (spec.rank,) + self.out_shape,
-                             spec.dtype).value
-      h = x.astype(spec.dtype)
-      if spec.dropout > 0.0:
-        h = nn.Dropout(spec.dropout)(h, deterministic=deterministic)
-      delta = _contract(_contract(h, lora_a, n_in), lora_b, 1)
-      y = y + (spec.scale * delta).astype(y.dtype)
+    if not self.is_initializing() and not (self.has_variable(ADAPTER, "lora_a")
+                                           and self.has_variable(ADAPTER, "lora_b")):
+      here = sorted(self.variables.get(ADAPTER, {}))
+      raise ValueError(
+          f"LoRA projection {_path(self)} has no adapter (needs {_path(self)}/lora_a and "
+          f"lora_b; the adapter collection holds {here or 'nothing'} here). A mis-keyed adapter "
+          f"tree never runs as the bare backbone: build the projection with lora=None for that "
+          f"(Transformer does so when applied without an adapter collection)")
+    a_init = lambda rng: nn.initializers.kaiming_uniform()(
+        rng, (fan_in, spec.rank), spec.dtype).reshape(self.in_shape + (spec.rank,))
+    lora_a = self.variable(ADAPTER, "lora_a", a_init, self.make_rng("params")
+                           if self.is_initializing() else None).value
+    lora_b = self.variable(ADAPTER, "lora_b", jnp.zeros, (spec.rank,) + self.out_shape,
+                           spec.dtype).value
+    want_a, want_b = self.in_shape + (spec.rank,), (spec.rank,) + self.out_shape
+    if lora_a.shape != want_a or lora_b.shape != want_b:
+      raise ValueError(
+          f"adapter of LoRA projection {_path(self)} has lora_a {tuple(lora_a.shape)} and lora_b "
+          f"{tuple(lora_b.shape)}; this model (rank {spec.rank}) expects {want_a} and {want_b}: "
+          f"an adapter of another rank or shape?")
+    h = x.astype(spec.dtype)
+    if spec.dropout > 0.0:
+      h = nn.Dropout(spec.dropout)(h, deterministic=deterministic)
+    delta = _contract(_contract(h, lora_a, n_in), lora_b, 1)
+    y = y + (spec.scale * delta).astype(y.dtype)
     return y
+
+
+def _path(module: nn.Module) -> str:
+  return "/".join(module.scope.path) or type(module).__name__
 
 
 # ----------------------------------------------------------------------------- target selection
@@ -123,6 +148,87 @@ def flatten(tree) -> dict[str, Any]:
   """A nested dict as {"a/b/c": leaf}."""
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+HEADS = ("score_head",)  # modules whose leaves sit in the adapter collection beside the LoRA A/B
+
+
+def _show(items: Sequence[str], limit: int = 6) -> str:
+  return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _near(tree, path: str) -> str:
+  """What `tree` holds at the deepest existing prefix of `path`, e.g. "layer_0/attn: [k, v]"."""
+  node, found = tree, []
+  for part in path.split("/"):
+    if not isinstance(node, Mapping) or part not in node:
+      break
+    node, found = node[part], found + [part]
+  keys = sorted(map(str, node)) if isinstance(node, Mapping) else []
+  return f"{'/'.join(found) or '(top)'}: [{_show(keys, 12)}]"
+
+
+def _layout_hint(model_paths, tree_paths) -> str:
+  """A sentence when one side is in the per-layer layout (layer_i/...) and the other stacked."""
+  layered = lambda ps: any(re.match(r"layer_\d+(/|$)", p) for p in ps)
+  stacked = lambda ps: any(p == "layers" or p.startswith("layers/") for p in ps)
+  if stacked(model_paths) and layered(tree_paths) and not stacked(tree_paths):
+    return (" The tree has the per-layer layout (layer_i/...) and the model scans its layers "
+            "(model.scan_layers=True): convert it with model.stack_layers.")
+  if layered(model_paths) and stacked(tree_paths) and not layered(tree_paths):
+    return (" The tree has the scanned layout (layers/...) and the model does not scan its "
+            "layers: convert it with model.unstack_layers.")
+  return ""
+
+
+def check_adapter_targets(adapter, targets, heads: Sequence[str] = HEADS) -> None:
+  """Raises unless `adapter` (an applied model's adapter collection) holds `lora_a` and `lora_b`
+  for every target path, and no LoRA leaf or other leaf outside the targets and `heads`.
+
+  Cheap (tree structure only): a model runs it at trace time whenever it is applied with an
+  adapter collection, so a tree for other targets, another layout or misspelled keys fails
+  loudly instead of running (in part) as the bare backbone.
+  """
+  flat = flatten(adapter)
+  targets = set(targets)
+  missing = sorted(t for t in targets if f"{t}/lora_a" not in flat or f"{t}/lora_b" not in flat)
+  extra = sorted(p for p in flat
+                 if not (p.endswith(("/lora_a", "/lora_b")) and p.rsplit("/", 1)[0] in targets)
+                 and p.split("/", 1)[0] not in heads)
+  if not missing and not extra:
+    return
+  problems = []
+  if missing:
+    problems.append(f"no lora_a/lora_b for targeted projection(s) {_show(missing)} (near "
+                    f"{missing[0]} the adapter holds {_near(adapter, missing[0])})")
+  if extra:
+    problems.append(f"leaves for projections this model does not target: {_show(extra)}")
+  hint = _layout_hint(targets, flat) or (
+      f" The model targets {len(targets)} projection(s): config.lora.targets, lora.rank and "
+      f"model.scan_layers must match those of the run that made the adapter (for the bare "
+      f"backbone, apply the model with no adapter collection).")
+  raise ValueError("adapter tree does not fit the model: " + "; ".join(problems) + "." + hint)
+
+
+def check_adapter_tree(expected, adapter, what: str = "adapter") -> None:
+  """Raises unless `adapter` has exactly `expected`'s leaf paths and shapes.
+
+  For adapters loaded from elsewhere (a checkpoint, an SFT run, a PEFT export), before use;
+  `expected` is the model's abstract adapter, e.g.
+  `roles.abstract_variables(model, score_head)["adapter"]` (arrays or ShapeDtypeStructs).
+  """
+  want, got = flatten(expected), flatten(adapter)
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  shapes = sorted(f"{p} {tuple(got[p].shape)} (expected {tuple(want[p].shape)})"
+                  for p in set(want) & set(got) if tuple(got[p].shape) != tuple(want[p].shape))
+  if not (missing or extra or shapes):
+    return
+  problems = ([f"missing {_show(missing)}"] if missing else []) + (
+      [f"unexpected {_show(extra)}"] if extra else []) + (
+      [f"wrong shapes: {_show(shapes)}"] if shapes else [])
+  raise ValueError(f"{what} does not fit the model: " + "; ".join(problems) + "."
+                   + _layout_hint(want, got))
 
 
 def count_params(tree) -> int:

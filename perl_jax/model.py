@@ -19,7 +19,8 @@ Param layout (the `params` collection; checkpoint loaders map onto these names):
     lm_head/kernel                           (d_model, vocab)       if not tie_embeddings
 
 The `adapter` collection holds LoRA `lora_a`/`lora_b` under the same module paths, and the scalar
-head `score_head/{kernel, bias}` used by reward and value models.
+head `score_head/{kernel, bias}` used by reward and value models. Applied without it, the model is
+the anchor (adapters off); applied with it, it must fit the model's targets exactly.
 """
 from __future__ import annotations
 
@@ -347,7 +348,10 @@ class ScoreHead(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. LoRA adapters are applied wherever the `adapter` collection has them."""
+  """Decoder-only LM with LoRA on `lora_targets`.
+
+  Applied with an `adapter` collection, it must hold A/B for every target and for nothing else
+  (score-head leaves aside), else ValueError; applied without one, it is the bare backbone."""
   cfg: ModelConfig
   lora: lora_lib.LoRASpec | None = None
   lora_targets: frozenset = frozenset()
@@ -376,6 +380,14 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)
     if cfg.embed_scale:
       x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    # Adapters are on exactly when the caller passes an adapter collection, and it must then
+    # fit the targets; with none the model is the bare backbone (the anchor).
+    lora = self.lora
+    if not self.is_initializing():
+      if lora_lib.ADAPTER in self.variables:
+        lora_lib.check_adapter_targets(self.variables[lora_lib.ADAPTER], self.lora_targets)
+      else:
+        lora = None
     block = ScannedBlock if cfg.scan_layers else Block
     if cfg.remat:  # the last argument (`deterministic`, a Python bool) is static; self is 0
       block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),
@@ -386,13 +398,13 @@ class Transformer(nn.Module):
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_layers)
-      (x, new_cache, _), _ = scanned(cfg, SCANNED, self.lora, self.lora_targets, name=SCANNED)(
+      (x, new_cache, _), _ = scanned(cfg, SCANNED, lora, self.lora_targets, name=SCANNED)(
           (x, cache, 0), jnp.asarray(flags), positions, attn_mask, cache_index, deterministic)
     else:
       new_cache = {} if cache is not None else None
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache[f"layer_{i}"]
-        x, layer_cache = block(cfg, f"layer_{i}", self.lora, self.lora_targets,
+        x, layer_cache = block(cfg, f"layer_{i}", lora, self.lora_targets,
                                name=f"layer_{i}")(x, flags[i], positions, attn_mask, layer_cache,
                                                   cache_index, deterministic)
         if cache is not None:

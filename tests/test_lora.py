@@ -143,3 +143,91 @@ def test_lora_dropout_only_in_training():
                       rngs={"dropout": jax.random.key(5)})["logits"]
   np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
   assert float(jnp.abs(train - eval_a).max()) > 1e-4
+
+
+def _rename(tree, old, new):
+  return lora_lib.unflatten({p.replace(old, new): v for p, v in lora_lib.flatten(tree).items()})
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_mis_keyed_adapter_is_an_error_not_the_anchor(scan):
+  cfg = model_lib.model_config("tiny", scan_layers=scan)
+  layer = model_lib.SCANNED if scan else "layer_0"
+  model = model_lib.build(cfg, lora_rank=4, lora_targets=("attn/(q|v)$",))
+  variables = _randomise_b_tree(model_lib.init_variables(model, jax.random.key(0)))
+  params, adapter = variables["params"], variables["adapter"]
+  args = _inputs(cfg)
+  apply = jax.jit(lambda adapter: model.apply({"params": params, "adapter": adapter}, *args))
+  # One projection's key misspelt: it would otherwise run as the bare backbone.
+  with pytest.raises(ValueError, match=f"targeted projection.*{layer}/attn/q\\b.*near "
+                     f"{layer}/attn/q the adapter holds {layer}/attn: \\[qq, v\\].*"
+                     f"not target: {layer}/attn/qq"):
+    apply(_rename(adapter, "attn/q/", "attn/qq/"))
+  # A tree made for other targets.
+  other = model_lib.build(cfg, lora_rank=4, lora_targets=("attn/k$",))
+  with pytest.raises(ValueError, match=f"{layer}/attn/q.*not target: {layer}/attn/k/lora_a"):
+    apply(model_lib.init_variables(other, jax.random.key(0))["adapter"])
+  # The other layout (per-layer vs stacked).
+  relaid = (model_lib.unstack_layers(adapter) if scan
+            else model_lib.stack_layers(adapter, cfg.num_layers))
+  with pytest.raises(ValueError, match=f"{layer}/attn/q.*convert it with model\\."
+                     f"{'stack' if scan else 'unstack'}_layers"):
+    apply(relaid)
+  # Another rank: consistent A/B shapes that would contract fine with the wrong alpha / rank.
+  rank8 = model_lib.build(cfg, lora_rank=8, lora_targets=("attn/(q|v)$",))
+  with pytest.raises(ValueError, match=f"LoRA projection {layer}/attn/q has lora_a \\(64, 8\\).*"
+                     f"rank 4"):
+    apply(model_lib.init_variables(rank8, jax.random.key(0))["adapter"])
+  with pytest.raises(ValueError, match=f"no lora_a/lora_b for targeted projection.*{layer}/attn/q"):
+    apply({})  # an empty collection is not "no adapters"
+  apply(adapter)  # the right tree runs
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_no_adapter_collection_is_the_anchor(scan):
+  cfg = model_lib.model_config("tiny", scan_layers=scan)
+  model = model_lib.build(cfg, lora_rank=4, lora_targets=("attn/", "mlp/"))
+  variables = _randomise_b_tree(model_lib.init_variables(model, jax.random.key(0),
+                                                         score_head=True))
+  args = _inputs(cfg)
+  logits = jax.jit(lambda model, variables: model.apply(
+      variables, *args, scores="adapter" in variables)["logits"], static_argnums=0)
+  bare = logits(model_lib.build(cfg), {"params": variables["params"]})
+  anchor = logits(model, {"params": variables["params"]})
+  adapted = logits(model, variables)  # LoRA + score head: the head's leaves are legitimate
+  np.testing.assert_array_equal(np.asarray(anchor), np.asarray(bare))
+  assert float(jnp.abs(adapted - anchor).max()) > 1e-3
+
+
+def test_check_adapter_tree():
+  cfg = model_lib.model_config("tiny")
+  model = model_lib.build(cfg, lora_rank=4)
+  expected = roles.abstract_variables(model, score_head=True)["adapter"]
+  adapter = model_lib.init_variables(model, jax.random.key(0), score_head=True)["adapter"]
+  lora_lib.check_adapter_tree(expected, adapter)
+  with pytest.raises(ValueError, match="policy adapter does not fit the model: missing "
+                     "layer_0/attn/q/lora_a, .*; unexpected layer_0/attn/qq/lora_a"):
+    lora_lib.check_adapter_tree(expected, _rename(adapter, "attn/q/", "attn/qq/"),
+                                what="policy adapter")
+  with pytest.raises(ValueError, match="missing score_head/bias, score_head/kernel"):
+    lora_lib.check_adapter_tree(expected, {k: v for k, v in adapter.items() if k != "score_head"})
+  rank8 = model_lib.init_variables(model_lib.build(cfg, lora_rank=8), jax.random.key(0),
+                                   score_head=True)["adapter"]
+  with pytest.raises(ValueError, match=r"wrong shapes: layer_0/attn/k/lora_a \(64, 8\) "
+                     r"\(expected \(64, 4\)\)"):
+    lora_lib.check_adapter_tree(expected, rank8)
+  with pytest.raises(ValueError, match="convert it with model.stack_layers"):
+    scanned = model_lib.build(model_lib.model_config("tiny", scan_layers=True), lora_rank=4)
+    lora_lib.check_adapter_tree(roles.abstract_variables(scanned, score_head=True)["adapter"],
+                                adapter)
+
+
+def test_projection_with_a_spec_needs_its_adapter():
+  proj = lora_lib.LoRAProjection((4,), (3,), lora_lib.LoRASpec(2, 2.0))
+  x = jnp.ones((1, 4))
+  variables = proj.init(jax.random.key(0), x)
+  proj.apply(variables, x)
+  with pytest.raises(ValueError, match="LoRA projection LoRAProjection has no adapter"):
+    proj.apply({"params": variables["params"]}, x)
+  bare = lora_lib.LoRAProjection((4,), (3,)).apply({"params": variables["params"]}, x)
+  np.testing.assert_array_equal(np.asarray(bare), np.asarray(proj.apply(variables, x)))  # B = 0
