@@ -30,6 +30,7 @@ from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import losses
+from perl_jax import model as model_lib
 from perl_jax import roles
 from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
@@ -139,23 +140,37 @@ def shape_returns(scored, cmask, rcfg):
 
 
 def rl_loss_fn(model, rcfg, prompt_len: int):
-  """Pure loss of one RL update; the batch holds the scored rollout and its advantages."""
+  """Pure loss of one RL update; the batch holds the scored rollout and its advantages.
+
+  The policy and value forwards here are training passes: LoRA dropout (lora.dropout) is on,
+  drawn from the step's rng, as in the reward and SFT losses. Rollouts and their scores (the
+  old and anchor log-probs, the values behind the advantages) stay deterministic, so under
+  dropout PPO's ratio compares a dropped-out policy with the deterministic one that sampled
+  (as TRL with PEFT dropout does); with dropout 0 nothing here depends on the rng.
+  """
   algorithm = rcfg.algorithm
 
+  def values_of(trainable, frozen, tokens, input_mask, rng):
+    """roles.token_values as a training pass (dropout on; token_values takes no rng)."""
+    out = model.apply(value_variables(trainable, frozen), tokens,
+                      model_lib.positions_from_mask(input_mask), model_lib.causal_mask(input_mask),
+                      logits=False, scores=True, deterministic=False, rngs={"dropout": rng})
+    return out["scores"][:, prompt_len - 1:-1]
+
   def loss_fn(trainable, frozen, batch, rng):
-    del rng
+    policy_rng, value_rng = jax.random.split(rng)
     tokens, input_mask, cmask = batch["tokens"], batch["input_mask"], batch["completion_mask"]
     cmask = cmask.astype(jnp.float32)
     logprobs, entropy = roles.token_logprobs(model, policy_variables(trainable, frozen), tokens,
-                                             input_mask, prompt_len, with_entropy=True)
+                                             input_mask, prompt_len, with_entropy=True,
+                                             deterministic=False, rng=policy_rng)
     metrics = {"reward": jnp.mean(batch["rm_scores"]), "kl": jnp.mean(batch["kl"]),
                "return": jnp.mean(batch["returns"]), "response_length": jnp.mean(batch["length"]),
                "entropy": jnp.mean(losses.masked_mean(entropy, cmask, axis=1))}
     if algorithm == "ppo":
       pg_loss, clip_fraction = losses.ppo_policy_loss(
           logprobs, batch["policy_logprobs"], batch["advantages"], cmask, rcfg.ppo_clip)
-      values = roles.token_values(model, value_variables(trainable, frozen), tokens,
-                                  input_mask, prompt_len)
+      values = values_of(trainable, frozen, tokens, input_mask, value_rng)
       v_loss = losses.value_loss(values, batch["token_returns"], cmask, batch["values"],
                                  rcfg.value_clip)
       metrics["clip_fraction"] = clip_fraction
@@ -163,8 +178,7 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
       pg_loss = losses.reinforce_loss(logprobs, cmask, batch["advantages"])
       v_loss = 0.0
       if algorithm == "reinforce":
-        prompt_values = roles.token_values(model, value_variables(trainable, frozen), tokens,
-                                           input_mask, prompt_len)[:, 0]
+        prompt_values = values_of(trainable, frozen, tokens, input_mask, value_rng)[:, 0]
         v_loss = losses.value_loss(prompt_values, batch["returns"])
     loss = pg_loss + rcfg.value_coef * v_loss
     if rcfg.kl_mode == "loss":

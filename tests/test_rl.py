@@ -113,3 +113,36 @@ def test_short_rl_run_raises_reward_with_bounded_kl(tmp_path, algorithm):
   assert first < 0.25  # about 1/8 by chance
   assert last > first + 0.15, rewards
   assert np.isfinite(kls).all() and max(kls) < 20.0
+
+
+def test_rl_loss_honours_lora_dropout():
+  b, p, n = 4, 4, 6
+  rng = np.random.default_rng(1)
+  batch = {"tokens": rng.integers(3, 512, (b, p + n)).astype(np.int32),
+           "input_mask": np.ones((b, p + n), bool), "completion_mask": np.ones((b, n), bool),
+           "returns": rng.normal(size=b).astype(np.float32),
+           "rm_scores": np.zeros(b, np.float32), "kl": np.zeros(b, np.float32),
+           "policy_logprobs": -np.ones((b, n), np.float32), "length": np.full(b, n, np.float32),
+           "anchor_logprobs": -np.ones((b, n), np.float32)}
+  build = lambda dropout: model_lib.build(model_lib.model_config("tiny"), lora_rank=4,
+                                          lora_dropout=dropout)
+  variables = jax.jit(lambda r: model_lib.init_variables(build(0.0), r, score_head=True))(
+      jax.random.key(0))
+  value_adapter = jax.tree.map(lambda x: x + 0.05, variables["adapter"])  # non-zero B and head
+  policy_adapter = {k: v for k, v in value_adapter.items() if k != "score_head"}
+  trainable = {"policy": {"adapter": policy_adapter}, "value": {"adapter": value_adapter}}
+  frozen = {"params": variables["params"]}
+  config = config_base.base_config()
+  config.rl.algorithm = "reinforce"  # policy and value forwards in the loss (ppo: the same ones)
+  batch["advantages"] = rng.normal(size=b).astype(np.float32)
+
+  def metrics_for(dropout):
+    loss_fn = jax.jit(rl.rl_loss_fn(build(dropout), config.rl, p))
+    return [loss_fn(trainable, frozen, batch, jax.random.key(seed))[1] for seed in (0, 1)]
+
+  first, second = metrics_for(0.0)  # no dropout: the rng plays no part
+  for key in ("pg_loss", "value_loss"):
+    assert float(first[key]) == float(second[key]), key
+  first, second = metrics_for(0.3)  # the policy and the value forwards both drop out
+  for key in ("pg_loss", "value_loss"):
+    assert abs(float(first[key]) - float(second[key])) > 1e-6, key
