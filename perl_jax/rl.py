@@ -30,7 +30,6 @@ from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import losses
-from perl_jax import model as model_lib
 from perl_jax import roles
 from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
@@ -150,12 +149,9 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
   """
   algorithm = rcfg.algorithm
 
-  def values_of(trainable, frozen, tokens, input_mask, rng):
-    """roles.token_values as a training pass (dropout on; token_values takes no rng)."""
-    out = model.apply(value_variables(trainable, frozen), tokens,
-                      model_lib.positions_from_mask(input_mask), model_lib.causal_mask(input_mask),
-                      logits=False, scores=True, deterministic=False, rngs={"dropout": rng})
-    return out["scores"][:, prompt_len - 1:-1]
+  def values_of(trainable, frozen, tokens, input_mask, rng):  # a training pass: dropout on
+    return roles.token_values(model, value_variables(trainable, frozen), tokens, input_mask,
+                              prompt_len, deterministic=False, rng=rng)
 
   def loss_fn(trainable, frozen, batch, rng):
     policy_rng, value_rng = jax.random.split(rng)
@@ -305,8 +301,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   with_value = rcfg.algorithm in ("reinforce", "ppo")
   sft_adapter = None
   if rcfg.sft_adapter:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
-    sft_adapter = checkpoint_lib.load_tree(rcfg.sft_adapter, roles.sharded_abstract(
-        roles.abstract_variables(model)[lora_lib.ADAPTER], mesh))
+    expected = roles.abstract_variables(model)[lora_lib.ADAPTER]
+    sft_adapter = checkpoint_lib.load_tree(rcfg.sft_adapter,
+                                           roles.sharded_abstract(expected, mesh))
+    lora_lib.check_adapter_tree(expected, sft_adapter, f"rl.sft_adapter ({rcfg.sft_adapter})")
   trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value,
                                  sft_adapter, mesh)
   trainable, frozen = common.place(trainable, mesh), common.place(frozen, mesh)

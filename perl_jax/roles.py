@@ -136,10 +136,12 @@ def sequence_scores(model: model_lib.Transformer, variables, tokens, input_mask,
   return model_lib.last_token_values(out["scores"], flat_mask).reshape(lead)
 
 
-def token_values(model: model_lib.Transformer, variables, tokens, input_mask, start: int):
+def token_values(model: model_lib.Transformer, variables, tokens, input_mask, start: int,
+                 deterministic: bool = True, rng=None):
   """The score head before each token from `start` on (value of the state that emits it):
   [B, T - start], read at positions start - 1 .. T - 2."""
-  out = _forward(model, variables, tokens, input_mask, scores=True)
+  out = _forward(model, variables, tokens, input_mask, scores=True,
+                 deterministic=deterministic, rng=rng)
   return out["scores"][:, start - 1:-1]
 
 
@@ -191,4 +193,7 @@ def load_reward_model(config: ml_collections.ConfigDict, workdir: str, tok, mesh
   adapter = checkpoint_lib.load_tree(
       os.path.join(workdir, "reward", "best"),
       {lora_lib.ADAPTER: sharded_abstract(abstract[lora_lib.ADAPTER], mesh)})
+  # orbax restores a saved tree of another rank in its own shapes: check before using it.
+  lora_lib.check_adapter_tree(abstract[lora_lib.ADAPTER], adapter[lora_lib.ADAPTER],
+                              f"reward adapter ({os.path.join(workdir, 'reward', 'best')})")
   return model, {"params": backbone, **adapter}
