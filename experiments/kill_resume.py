@@ -14,19 +14,19 @@ duplicate steps. Prints one line per kill and a verdict per stage; exits 1 on an
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from perl_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -99,21 +99,6 @@ def _kill_at(workdir: str, stage: str, at_step: int, delay: float) -> str:
   return f"{delay:.1f}s after: {last}"
 
 
-def tb_scalars(tb_dir: str) -> dict:
-  """{(tag, step): value} from the tensorboardX event files in tb_dir."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents*")):
-    data, pos = open(path, "rb").read(), 0
-    while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for value in event.summary.value:
-        out[(value.tag, event.step)] = value.simple_value
-  return out
-
-
 def _stage_lines(workdir: str, stage: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
@@ -156,9 +141,9 @@ def compare(reference: str, resumed: str, stage: str, atol: float) -> list[str]:
     if set(r) != set(n) or any(abs(r[k] - n[k]) > atol for k in r):
       problems.append(f"metrics.jsonl step {r['step']} differs")
       break
-  tb_a = {k: v for k, v in tb_scalars(os.path.join(reference, "tb")).items()
+  tb_a = {k: v for k, v in train_lib.read_tensorboard(os.path.join(reference, "tb")).items()
           if k[0].startswith(f"{stage}/")}
-  tb_b = {k: v for k, v in tb_scalars(os.path.join(resumed, "tb")).items()
+  tb_b = {k: v for k, v in train_lib.read_tensorboard(os.path.join(resumed, "tb")).items()
           if k[0].startswith(f"{stage}/")}
   if sorted(tb_a) != sorted(tb_b):
     problems.append(f"TensorBoard has {len(tb_b)} {stage} points, the reference {len(tb_a)}")

@@ -195,6 +195,25 @@ class Writer:
     self.jsonl.close()
 
 
+def read_tensorboard(tb_dir: str) -> dict:
+  """{(tag, step): value} of the scalars in tb_dir's event files (TFRecord framing of Event
+  protos, read without TensorFlow), to compare curves."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for name in sorted(os.listdir(tb_dir)):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    data, pos = open(os.path.join(tb_dir, name), "rb").read(), 0
+    while pos + 12 <= len(data):  # length (8 bytes), its CRC (4), the record, its CRC (4)
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out[(value.tag, event.step)] = value.simple_value
+  return out
+
+
 def _human_bytes(n: float) -> str:
   for unit in ("B", "KiB", "MiB", "GiB"):
     if abs(n) < 1024 or unit == "GiB":

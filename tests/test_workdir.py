@@ -3,7 +3,6 @@ import glob
 import json
 import os
 import shutil
-import struct
 import time
 
 import jax
@@ -154,19 +153,8 @@ def test_eval_every_zero_evaluates_once_at_the_end(tmp_path):
 
 
 def _tb_scalars(tb_dir: str) -> dict:
-  """{(tag, step): value} from tensorboardX event files (TFRecord framing, Event protos)."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents*")):
-    data = open(path, "rb").read()
-    pos = 0
-    while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for value in event.summary.value:
-        out[(value.tag, event.step)] = value.simple_value
-  return out
+  from perl_jax import train as train_lib
+  return train_lib.read_tensorboard(tb_dir)
 
 
 def _jsonl(path) -> list[dict]:
