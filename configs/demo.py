@@ -5,6 +5,11 @@ r"""The embedded default: the PERL pipeline on the café-review task, on a lapto
 Add --config.lora.rank=0 to run the same pipeline with full fine-tuning. The sweep below (LoRA vs
 full fine-tuning, three seeds each) runs with
   python -m launch.local --config=configs/demo.py --workdir=/tmp/perl_demo_sweep
+
+`configs/demo.py:small` runs every stage for CI and smoke tests, not results (about 30 s on 2 CPU
+cores, mostly XLA compilation): 30 SFT steps (so some samples are in the task's grammar and the
+held-out preference pairs are not all ties), 2 reward and 2 RL steps, batches of 8-16, 40-token
+sequences, a few dozen prompts.
 """
 from perl_jax import config_base
 
@@ -13,8 +18,21 @@ METRICS = ("best_eval_accuracy", "reward_initial", "reward_final", "kl_final",
            "anchor_gold_reward", "gold_reward", "gold_win_rate_vs_anchor", "wall_time_s")
 
 
-def get_config():
-  return config_base.base_config()
+def get_config(arg=None):
+  arg = config_base.parse_arg(arg, small=False)
+  c = config_base.base_config()
+  if arg.small:
+    c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 40, 12, 24
+    c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
+    c.prefs.num_train_prompts = c.prefs.num_eval_prompts = 64  # one sampling program
+    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
+    c.rl.num_train_prompts, c.rl.num_eval_prompts = 16, 8
+    c.rl.prompts_per_step, c.rl.samples_per_prompt, c.rl.train.batch_size = 4, 2, 8
+    for stage, steps, batch_size in ((c.sft, 30, 16), (c.reward, 2, 8), (c.rl, 2, 8)):
+      stage.train.steps, stage.train.batch_size = steps, batch_size
+      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = steps
+      stage.optim.warmup_steps = 2
+  return c
 
 
 def sweep(add):

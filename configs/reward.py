@@ -6,11 +6,26 @@ Trains the SFT backbone, samples and gold-labels preference pairs, then trains a
 (adapter + head). --config.lora.rank=0 fine-tunes every weight instead (the paper's baseline).
 Other data: --config.reward.data.name=anthropic_hh --config.reward.data.manual_dir=DIR
 (with --config.tokenizer.path and --config.model.backbone for a matching model).
+
+`configs/reward.py:small` runs the three stages for CI and smoke tests, not results (about 20 s on
+2 CPU cores, mostly XLA compilation): 30 SFT steps (so some samples are in the task's grammar and
+the held-out pairs are not all ties), 2 reward steps, batches of 8-16, 40-token sequences, a few
+dozen prompts.
 """
 from perl_jax import config_base
 
 
-def get_config():
-  config = config_base.base_config()
-  config.stages = ("sft", "prefs", "reward")
-  return config
+def get_config(arg=None):
+  arg = config_base.parse_arg(arg, small=False)
+  c = config_base.base_config()
+  c.stages = ("sft", "prefs", "reward")
+  if arg.small:
+    c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 40, 12, 24
+    c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
+    c.prefs.num_train_prompts = c.prefs.num_eval_prompts = 64  # one sampling program
+    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
+    for stage, steps, batch_size in ((c.sft, 30, 16), (c.reward, 2, 8)):
+      stage.train.steps, stage.train.batch_size = steps, batch_size
+      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = steps
+      stage.optim.warmup_steps = 2
+  return c

@@ -1,20 +1,32 @@
-"""Every config in configs/ loads, is locked, and names only things that exist."""
+"""Every config in configs/ loads, is locked, names only things that exist, and runs end to end in
+its small mode (big_vision's `runlocal`: `configs/NAME.py:small`, one run per dataset of a config
+with DATASETS), with each stage's results present and finite. The glob picks up a new config file;
+one without a small mode fails."""
 import glob
+import importlib.util
+import json
+import math
 import os
+import re
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 
+from perl_jax import main
 from perl_jax import model as model_lib
 from perl_jax import rl
 from perl_jax.data import preferences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
+# The published data in this repository's CI (../shared/data/README.md), by reward.data.name.
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+PUBLISHED = {"anthropic_hh": "hh-harmless-base", "taskmaster": "taskmaster-coffee"}
 
 
 def _load(path, arg=None):
-  import importlib.util
   spec = importlib.util.spec_from_file_location("cfg", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -33,3 +45,152 @@ def test_config_is_valid(path):
     model_lib.build(model_lib.model_config(config.model.preset, vocab_size=256),
                     config.lora.rank, lora_targets=tuple(config.lora.targets))
     assert module.__doc__ and "python -m perl_jax.main" in module.__doc__  # the run command
+
+
+# ------------------------------------------------------------------------------ small modes
+
+def _small_args(path):
+  """The `:arg` of each small run: "small", or "DATASET,small" for each of a config's DATASETS."""
+  module = _load(path)[1]
+  return [f"{d},small" for d in getattr(module, "DATASETS", {})] or ["small"]
+
+
+SMALL = [(path, arg) for path in CONFIGS for arg in _small_args(path)]
+
+
+@pytest.fixture(scope="module")
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent compilation cache for this module's runs: the demo-task configs compile the same
+  programs (same shapes), so only the first run compiles them. Restored afterwards."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()  # the next compilation opens the cache in the new dir
+  yield
+  for key, value in before.items():
+    jax.config.update(key, value)
+  compilation_cache.reset_cache()
+
+
+def _published(name):
+  folder = os.path.join(SHARED_DATA, PUBLISHED[name])
+  if not os.path.isdir(folder):
+    pytest.skip(f"published {name} data absent ({folder})")
+  return folder
+
+
+def _taskmaster_slice(folder):
+  """The first 300 released dialogs (70/20/10% split by hash: enough SFT, RL and test turns) and
+  every reward example, in the published layout: preparing all 3,710 dialogs takes seconds."""
+  source = _published("taskmaster")
+  os.makedirs(folder / "data")
+  dialogs = json.load(open(os.path.join(source, "data", "data_00.json")))[:300]
+  (folder / "data" / "data_00.json").write_text(json.dumps(dialogs, indent=4))
+  os.symlink(os.path.join(source, "reward"), folder / "reward")
+  return str(folder)
+
+
+def _write_lines(path, rows):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _synthetic(name, folder):
+  """A few rows in the published layout of a dataset that ../shared/data does not hold."""
+  def text(i, kind):
+    return f"answer {i} that is {kind}: " + " ".join(["word"] * (i % 5 + 1))
+  if name == "tldr_comparisons":
+    rows = [{"info": {"id": f"t3_{i}", "post": f"Post number {i} about my cat.", "title": "Cat",
+                      "subreddit": "cats"},
+             "summaries": [{"text": " " + text(i, "good")}, {"text": " " + text(i, "bad")}],
+             "choice": i % 2, "split": "train" if i < 24 else "valid1"} for i in range(32)]
+    _write_lines(f"{folder}/comparisons/batch3.json", rows)
+  elif name == "shp":
+    for split, n in (("train", 24), ("validation", 8), ("test", 8)):
+      _write_lines(f"{folder}/askscience/{split}.json", [
+          {"post_id": f"{split}{i}", "history": f"Question {i}: why is the sky blue?",
+           "human_ref_A": text(i, "good"), "human_ref_B": text(i, "bad"), "labels": i % 2}
+          for i in range(n)])
+  else:
+    raise AssertionError(f"no published or synthetic data for reward.data.name={name!r}: add "
+                         f"it to PUBLISHED or _synthetic in {__file__}")
+  return str(folder)
+
+
+def _with_data(config, tmp_path):
+  """The data-path overrides a small config cannot know: the published files (or a slice)."""
+  if config.task == "taskmaster" and not config.data.manual_dir:
+    config.data.manual_dir = _taskmaster_slice(tmp_path / "taskmaster")
+  rd = config.reward.data
+  if "reward" in config.stages and rd.name != "jsonl_preferences" and not rd.manual_dir:
+    if rd.name in PUBLISHED:
+      rd.manual_dir = _published(rd.name)
+    else:
+      rd.manual_dir = _synthetic(rd.name, tmp_path / rd.name)
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def _finite(stage, result, *keys):
+  for key in keys:
+    value = result.get(key)
+    assert isinstance(value, (int, float)) and math.isfinite(value), f"[{stage}] {key} = {value!r}"
+
+
+def _check_stage(stage, result, config, workdir):
+  """A stage's results are there and make sense, not just that it ran."""
+  if stage in ("sft", "reward", "rl"):
+    assert result["steps"] == config[stage].train.steps, (stage, result["steps"])
+  if stage == "sft":
+    _finite(stage, result, "train_loss", "eval_nll", "eval_perplexity")
+    assert 0 <= result["samples_well_formed"] <= 1
+  elif stage == "prefs":
+    assert result["train_pairs"] > 0 and result["eval_pairs"] > 0, result
+  elif stage == "reward":
+    _finite(stage, result, "train_loss", "eval_loss", "eval_accuracy")
+    assert 0 <= result["eval_accuracy"] <= 1 and 0 < result["trainable_percent"] <= 100
+  elif stage == "rl":
+    _finite(stage, result, "reward_initial", "reward_final", "kl_final", "step_time_s")
+    assert 0 <= result["win_rate_vs_anchor"] <= 1
+  elif stage == "report":
+    assert os.path.getsize(os.path.join(workdir, "report.md")) > 0
+  else:
+    raise AssertionError(f"no check for stage {stage!r}: add one to _check_stage")
+
+
+@pytest.mark.parametrize("path, arg", SMALL,
+                         ids=[f"{os.path.relpath(p, ROOT)}:{a}" for p, a in SMALL])
+def test_small_mode_runs_end_to_end(path, arg, tmp_path, compilation_cache_dir):
+  name = os.path.relpath(path, ROOT)
+  full, module = _load(path, arg.replace("small", "").strip(",") or None)
+  try:
+    small = _load(path, arg)[0]
+  except (TypeError, ValueError) as e:
+    pytest.fail(f"{name} has no small mode: its get_config(arg) must accept {arg!r} "
+                f"(config_base.parse_arg(arg, small=False)) and shrink the run for CI ({e})")
+  assert re.search(r"[:,]small\b", module.__doc__), f"{name}: document the small arg"
+  # The same run, shrunk: the same stages, task, data and algorithm.
+  for key in ("stages", "task", "reward.data.name", "reward.data.config", "rl.algorithm",
+              "rl.kl_mode", "lora.targets"):
+    assert _get(small, key) == _get(full, key), f"{name}:{arg} changes {key}"
+  assert (small.lora.rank > 0) == (full.lora.rank > 0)
+  # ... and small: a bound that a config ignoring the arg fails (instead of running for hours).
+  for stage in set(small.stages) & {"sft", "reward", "rl"}:
+    tcfg = small[stage].train
+    assert tcfg.steps <= 30 and tcfg.batch_size <= 16, f"{name}:{arg}: {stage}.train too big"
+  assert small.data.max_len <= 128, f"{name}:{arg}: data.max_len too big"
+  _with_data(small, tmp_path)
+  small.lock()  # as the command line loads it
+  workdir = str(tmp_path / "workdir")
+  summary = main.run(small, workdir)
+  assert set(summary["stages"]) == set(small.stages)
+  for stage in small.stages:
+    _check_stage(stage, summary["stages"][stage], small, workdir)
+  assert json.load(open(os.path.join(workdir, "summary.json")))["stages"].keys() == set(
+      small.stages)

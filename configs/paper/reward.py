@@ -18,7 +18,15 @@ config.reward.optim.full_lr).
 The paper tunes PaLM 2 S; this config uses the gemma-2b architecture, whose weights
 `config.model.backbone` must provide. Their published LoRA vs full accuracies (PaLM 2 S): harmless
 78.7 vs 76.6, SHP 82.2 vs 83.2, TL;DR 79.7 vs 78.7.
+
+`configs/paper/reward.py:hh_harmless,small` (any dataset) runs the stage for CI and smoke tests,
+not results (about 10 s on 2 CPU cores): a random `demo`-preset backbone in place of gemma-2b
+(nothing to download), the shipped Taskmaster tokenizer, float32 (bfloat16 doubles the CPU
+compile time), 64-token sequences, 2 steps of 16 pairs (2 micro-batches), 16 held-out rows; remat
+and LoRA as above. The data still comes from --config.reward.data.manual_dir.
 """
+import os
+
 from perl_jax import config_base
 
 DATASETS = {
@@ -31,9 +39,10 @@ DATASETS = {
 }
 
 
-def get_config(arg: str = "hh_harmless"):
-  if arg not in DATASETS:
-    raise ValueError(f"unknown dataset {arg!r}; use one of {sorted(DATASETS)}")
+def get_config(arg=None):
+  arg = config_base.parse_arg(arg, dataset="hh_harmless", small=False)
+  if arg.dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {arg.dataset!r}; use one of {sorted(DATASETS)}")
   c = config_base.base_config()
   # No task: the data is config.reward.data, and config.tokenizer.path must name the backbone's
   # tokenizer (a task's shipped tokenizer would not match gemma-2b's embeddings).
@@ -44,7 +53,7 @@ def get_config(arg: str = "hh_harmless"):
   c.model.remat = True
   c.data.max_len = 1024
   c.lora.rank, c.lora.alpha = 4, 4.0  # the paper sweeps ranks 1-16
-  for key, value in DATASETS[arg].items():
+  for key, value in DATASETS[arg.dataset].items():
     c.reward.data[key] = value
   c.reward.train.steps = 5000
   c.reward.train.batch_size = 128
@@ -54,6 +63,16 @@ def get_config(arg: str = "hh_harmless"):
   c.reward.train.log_every = 50
   c.reward.optim.lr, c.reward.optim.full_lr = 1e-4, 1e-5
   c.reward.optim.warmup_steps = 100
+  if arg.small:
+    c.model.preset, c.model.backbone = "demo", "random"
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.tokenizer.path = os.path.join(os.path.dirname(config_base.__file__), "assets",
+                                    "taskmaster_sp1024.model")
+    c.data.max_len = 64
+    c.reward.train.steps, c.reward.train.batch_size, c.reward.train.accum_steps = 2, 16, 2
+    c.reward.train.log_every = c.reward.train.eval_every = c.reward.train.checkpoint_every = 2
+    c.reward.optim.warmup_steps = 1
+    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
   return c
 
 

@@ -6,11 +6,17 @@ REINFORCE with a LoRA value baseline (the value adapter has the policy's rank), 
 (1 - beta) * reward - beta * KL(policy || anchor) with beta = 0.05, sampling temperature 0.7,
 128 episodes per batch, policy learning rate in [1e-5, 1e-4] (1e-4 here: LoRA). The paper's RL
 results: LoRA matches full RL with 73-80% of its accelerator memory, 1.05-1.3x faster.
+
+`configs/paper/rl.py:small` runs every stage for CI and smoke tests, not results (about 30 s on 2
+CPU cores, mostly XLA compilation): the same algorithm, beta and temperature, 2 RL steps of 2
+prompts x 4 samples, 30 SFT steps (so some samples are in the task's grammar and the held-out
+pairs are not all ties), 2 reward steps, 40-token sequences, a few dozen prompts.
 """
 from perl_jax import config_base
 
 
-def get_config():
+def get_config(arg=None):
+  arg = config_base.parse_arg(arg, small=False)
   c = config_base.base_config()
   c.rl.algorithm = "reinforce"
   c.rl.kl_coef = 0.05
@@ -20,4 +26,15 @@ def get_config():
   c.rl.train.batch_size = 128  # episodes per batch
   c.rl.optim.lr, c.rl.optim.full_lr = 1e-4, 1e-5  # LoRA, full RL (lora.rank=0)
   c.rl.train.steps = 300
+  if arg.small:
+    c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 40, 12, 24
+    c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
+    c.prefs.num_train_prompts = c.prefs.num_eval_prompts = 64  # one sampling program
+    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
+    c.rl.num_train_prompts, c.rl.num_eval_prompts = 16, 8
+    c.rl.prompts_per_step, c.rl.train.batch_size = 2, 8  # the paper's 4 samples per prompt
+    for stage, steps, batch_size in ((c.sft, 30, 16), (c.reward, 2, 8), (c.rl, 2, 8)):
+      stage.train.steps, stage.train.batch_size = steps, batch_size
+      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = steps
+      stage.optim.warmup_steps = 2
   return c

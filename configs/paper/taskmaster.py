@@ -12,11 +12,17 @@ of github.com/google-research-datasets/Taskmaster (CC BY 4.0); in this repositor
           evaluated on the 10% test dialogs against the published next turns.
 The paper trains a PaLM 2 S reward classifier on these examples; measured results at this CPU size
 are in README.md and experiments/README.md.
+
+`configs/paper/taskmaster.py:small` runs every stage for CI and smoke tests, not results (about
+20 s on 2 CPU cores, mostly XLA compilation): 2 steps per stage, batches of 8, 96-token sequences
+(64-token contexts, 16 new tokens), 256 SFT demonstrations, a few held-out rows and prompts. It
+reads the same published files (--config.data.manual_dir).
 """
 from perl_jax import config_base
 
 
-def get_config():
+def get_config(arg=None):
+  arg = config_base.parse_arg(arg, small=False)
   c = config_base.base_config()
   c.task = "taskmaster"
   c.stages = ("sft", "reward", "rl", "report")
@@ -42,6 +48,16 @@ def get_config():
   c.rl.train.steps = 60
   c.rl.train.eval_every = 20
   c.rl.train.checkpoint_every = 20
+  if arg.small:
+    c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 96, 64, 16
+    c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
+    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
+    c.rl.num_train_prompts, c.rl.num_eval_prompts = 16, 8
+    c.rl.prompts_per_step, c.rl.samples_per_prompt, c.rl.train.batch_size = 4, 2, 8
+    for stage in (c.sft, c.reward, c.rl):
+      stage.train.steps, stage.train.batch_size = 2, 8
+      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = 2
+      stage.optim.warmup_steps = 1
   return c
 
 
