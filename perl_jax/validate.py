@@ -240,6 +240,10 @@ def problems(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     for key in ("num_train", "num_eval"):
       p.number(config.sft, "sft", key, 0, integer=True)
     p.number(config.sft, "sft", "num_samples", 1, integer=True)
+    num_eval, batch = config.sft.num_eval, config.sft.train.batch_size
+    if isinstance(num_eval, int) and isinstance(batch, int) and 0 < num_eval < batch:
+      p.append(f"sft.num_eval: held-out perplexity is computed in batches of "
+               f"sft.train.batch_size ({batch}): use 0 (all) or at least {batch}, got {num_eval}")
   if "prefs" in stages:
     for key in ("num_train_prompts", "num_eval_prompts"):
       p.number(config.prefs, "prefs", key, 1, integer=True)

@@ -154,12 +154,20 @@ def _check_stage(stage, result, config, workdir):
     assert result["train_pairs"] > 0 and result["eval_pairs"] > 0, result
   elif stage == "reward":
     _finite(stage, result, "train_loss", "eval_loss", "eval_accuracy")
+    if config.reward.data.name == "taskmaster":  # 0/1 labels: BCE and balanced accuracy
+      assert result["data_kind"] == "pointwise" and 0 <= result["eval_balanced_accuracy"] <= 1
     assert 0 <= result["eval_accuracy"] <= 1 and 0 < result["trainable_percent"] <= 100
   elif stage == "rl":
     _finite(stage, result, "reward_initial", "reward_final", "kl_final", "step_time_s")
     assert 0 <= result["win_rate_vs_anchor"] <= 1
+    if config.task == "taskmaster":  # the task's judge, beside the reward model
+      for key in ("act_match", "call_exact_match", "well_formed"):
+        assert 0 <= result[key] <= 1 and 0 <= result[f"anchor_{key}"] <= 1, (key, result)
   elif stage == "report":
-    assert os.path.getsize(os.path.join(workdir, "report.md")) > 0
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert report
+    if config.task == "taskmaster":
+      assert "act match (task judge), anchor -> policy" in report
   else:
     raise AssertionError(f"no check for stage {stage!r}: add one to _check_stage")
 

@@ -79,7 +79,8 @@ def test_scanned_layers_equal_unrolled_layers(preset):
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
   mask = jnp.ones((2, 10), bool).at[0, :3].set(False)
   args = (tokens, model_lib.positions_from_mask(mask), model_lib.causal_mask(mask))
-  a, b = model.apply(variables, *args, scores=True), scanned.apply(stacked, *args, scores=True)
+  forward = lambda m: jax.jit(lambda v: m.apply(v, *args, scores=True))  # eager is slow
+  a, b = forward(model)(variables), forward(scanned)(stacked)
   np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-4)
   np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
 
@@ -87,8 +88,9 @@ def test_scanned_layers_equal_unrolled_layers(preset):
     return jnp.sum(roles.token_logprobs(m, {"params": params, lora_lib.ADAPTER: adapter},
                                         tokens, mask)[0])
 
-  grads = jax.grad(lambda ad: loss(model, ad, variables["params"]))(variables[lora_lib.ADAPTER])
-  scanned_grads = jax.grad(lambda ad: loss(scanned, ad, stacked["params"]))(
+  grads = jax.jit(jax.grad(lambda ad: loss(model, ad, variables["params"])))(
+      variables[lora_lib.ADAPTER])
+  scanned_grads = jax.jit(jax.grad(lambda ad: loss(scanned, ad, stacked["params"])))(
       stacked[lora_lib.ADAPTER])
   for g, w in zip(jax.tree_util.tree_leaves(scanned_grads),
                   jax.tree_util.tree_leaves(model_lib.stack_layers(grads, cfg.num_layers))):

@@ -1,5 +1,6 @@
 """The Taskmaster Coffee task: the dialog builder on fixtures in the published format and on the
-released files, the held-out judge, and the whole pipeline (shortened) on the released data."""
+released files and the held-out judge (the whole pipeline on the released data runs in
+tests/test_configs.py, configs/paper/taskmaster.py:small)."""
 import json
 import os
 
@@ -147,38 +148,3 @@ def test_taskmaster_needs_the_published_files(tmp_path):
   config.stages = ("sft",)
   with pytest.raises(ValueError, match="data.manual_dir"):
     main.run(config, str(tmp_path))
-
-
-def released_slice(folder, dialogs: int, reward_rows: int) -> str:
-  """The first dialogs and reward examples of the released files, in their layout."""
-  for kind, name, count in (("data", "data_00.json", dialogs), ("reward", "reward_00.json",
-                                                                  reward_rows)):
-    os.makedirs(folder / kind)
-    rows = json.load(open(f"{RELEASED}/{kind}/{name}"))[:count]
-    (folder / kind / name).write_text(json.dumps(rows, indent=4))
-  return str(folder)
-
-
-@needs_released
-def test_shortened_taskmaster_pipeline(tmp_path):
-  config = taskmaster_config.get_config()
-  config.data.manual_dir = released_slice(tmp_path / "tm", dialogs=200, reward_rows=400)
-  config.model.preset = "tiny"
-  config.data.max_len, config.data.prompt_len, config.sampling.max_new_tokens = 96, 64, 16
-  config.sft.num_train, config.sft.num_eval, config.sft.num_samples = 256, 16, 8
-  config.sft.train.steps, config.sft.train.batch_size = 4, 16
-  config.reward.train.steps, config.reward.train.batch_size = 4, 16
-  config.reward.data.max_eval_rows = 32
-  config.rl.num_train_prompts, config.rl.num_eval_prompts = 64, 8
-  config.rl.prompts_per_step, config.rl.samples_per_prompt, config.rl.train.batch_size = 4, 2, 8
-  config.rl.train.steps = 2
-  summary = main.run(config, str(tmp_path))
-  stages = summary["stages"]
-  assert stages["sft"]["steps"] == 4 and 0 <= stages["sft"]["samples_act_match"] <= 1
-  reward = stages["reward"]
-  assert reward["data_kind"] == "pointwise" and 0 <= reward["eval_balanced_accuracy"] <= 1
-  rl = stages["rl"]
-  assert rl["steps"] == 2
-  for key in ("act_match", "call_exact_match", "well_formed"):
-    assert 0 <= rl[key] <= 1 and 0 <= rl[f"anchor_{key}"] <= 1
-  assert "act match (task judge), anchor -> policy" in open(tmp_path / "report.md").read()
