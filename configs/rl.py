@@ -18,14 +18,5 @@ def get_config(arg=None):
   c = config_base.base_config()
   c.stages = ("sft", "prefs", "reward", "rl")
   if arg.small:
-    c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 40, 12, 24
-    c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
-    c.prefs.num_train_prompts = c.prefs.num_eval_prompts = 64  # one sampling program
-    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
-    c.rl.num_train_prompts, c.rl.num_eval_prompts = 16, 8
-    c.rl.prompts_per_step, c.rl.samples_per_prompt, c.rl.train.batch_size = 4, 2, 8
-    for stage, steps, batch_size in ((c.sft, 30, 16), (c.reward, 2, 8), (c.rl, 2, 8)):
-      stage.train.steps, stage.train.batch_size = steps, batch_size
-      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = steps
-      stage.optim.warmup_steps = 2
+    config_base.shrink_demo_task(c)
   return c

@@ -204,3 +204,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.train.checkpoint_every = 30
   c.rl.train.updates_per_batch = 1  # optimizer updates per rollout batch (PPO epochs)
   return c
+
+
+def shrink_demo_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A demo-task config's `small` mode, for CI and smoke tests (not results): 40-token sequences,
+  a few dozen prompts, 30 SFT steps (so that some samples are in the task's grammar and held-out
+  preference pairs are not all ties), 2 reward and 2 RL steps; logging, evaluation and
+  checkpoints once, at the last step. Stages, algorithm and LoRA are left as they are."""
+  c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 40, 12, 24
+  c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
+  c.prefs.num_train_prompts = c.prefs.num_eval_prompts = 64  # one sampling program
+  c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
+  c.rl.num_train_prompts, c.rl.num_eval_prompts = 16, 8
+  c.rl.prompts_per_step, c.rl.samples_per_prompt, c.rl.train.batch_size = 4, 2, 8
+  for stage, steps, batch_size in ((c.sft, 30, 16), (c.reward, 2, 8), (c.rl, 2, 8)):
+    stage.train.steps, stage.train.batch_size = steps, batch_size
+    stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = steps
+    stage.optim.warmup_steps = 2
+  return c
