@@ -66,10 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                      f"config.reward.data at published preference data")
   pcfg = config.prefs
   out_dir = os.path.join(workdir, "prefs")
-  done_marker = os.path.join(out_dir, "stats.json")
-  if os.path.exists(done_marker):
-    print(f"[prefs] reusing pairs in {out_dir}", flush=True)
-    return json.load(open(done_marker))
+  # A finished prefs stage of the same identity is skipped by main (perl_jax.identity); here the
+  # pairs are (re)sampled.
   os.makedirs(out_dir, exist_ok=True)
   tok = common.load_tokenizer(config)
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size), lora_rank=0)
@@ -91,5 +89,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                                                 for r in eval_rows]) / 2)}
   print(f"[prefs] {len(train_rows)} train / {len(eval_rows)} held-out pairs in {out_dir}; "
         f"{100 * agree:.0f}% of train labels agree with the gold judge", flush=True)
-  common.write_json(done_marker, stats)
+  common.write_json(os.path.join(out_dir, "stats.json"), stats)
   return stats
