@@ -124,10 +124,10 @@ def _collapsed(metrics: dict) -> bool:
 
 def load_data(config, workdir, tok):
   # Imported here: TFDS is slow to import and only stages that read preference data need it.
-  from perl_jax.data import preferences as preferences_lib
+  from perl_jax.data import loader
   dcfg = config.reward.data
   manual_dir, data_dir = _data_dirs(config, workdir)
-  load = lambda split: preferences_lib.load_preferences(
+  load = lambda split: loader.load_preferences(
       dcfg.name, split=split, manual_dir=manual_dir, data_dir=data_dir, config=dcfg.config or None,
       allow_partial=dcfg.allow_partial)
   train_prefs, eval_prefs = load(dcfg.train_split), load(dcfg.eval_split)
