@@ -225,28 +225,86 @@ def _format(metrics: dict) -> str:
   return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
 
 
-def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
-        optim_cfg: ml_collections.ConfigDict, seed: int, mesh, loss_fn: LossFn,
-        trainable: Any, frozen: Any, batch_at: Callable[..., dict],
-        batch_uses_state: bool = False,
-        eval_fn: Callable[[Any], dict] | None = None, meta: dict | None = None,
-        writer: Writer | None = None,
-        collapsed: Callable[[dict], bool] | None = None) -> dict:
-  """Trains `trainable` for config.train.steps optimizer steps; returns final metrics.
+def _restore(ckpt: checkpoint_lib.Checkpointer, state, workdir: str, identity: str | None,
+             name: str):
+  """The latest checkpoint's state if there is one (refusing one of another identity)."""
+  if ckpt.latest_step() is None:
+    return state
+  state, saved_meta = ckpt.restore(state)
+  if not identity_lib.accepts(workdir, saved_meta.get("identity")):
+    ckpt.close()
+    raise errors.WorkdirMismatch(
+        f"the checkpoints in {ckpt.directory} were written by a run of another config or data "
+        f"(identity {str(saved_meta.get('identity'))[:12]}, this run {str(identity)[:12]}): "
+        f"use a new --workdir")
+  logging.info("%s: resumed from step %d in %s", name, int(state["step"]), ckpt.directory)
+  print(f"[{name}] resumed from checkpoint at step {int(state['step'])}", flush=True)
+  return state
 
-  The step donates its state: `fit` owns the `trainable` arrays passed in (use the returned state).
 
-  `batch_at(step)` gives the step's batch; with `batch_uses_state`, `batch_at(step, trainable)`
-  (RL: rollouts come from the current policy). Resumes from the latest checkpoint in
-  `workdir/checkpoints` if there is one; the batches, the random numbers and therefore the losses
-  after resuming are those of an uninterrupted run. A checkpoint written by a run of another
-  identity (perl_jax.identity, recorded in workdir/identity.json) is refused.
+class StopGuard:
+  """Stops training on a non-finite loss or gradient at once, and after `patience` consecutive
+  steps that are stuck (zero gradient norm, unchanged loss) or `collapsed(metrics)` (0 = off)."""
 
-  Stops with errors.TrainingStopped, naming the last good checkpoint, on a non-finite loss or
-  gradient, or after train.stop_if_stuck consecutive steps that are stuck (zero gradient norm and
-  an unchanged loss) or `collapsed(metrics)`.
-  """
-  tcfg = train_cfg
+  def __init__(self, name: str, patience: int, collapsed: Callable[[dict], bool] | None):
+    self.name, self.patience, self.collapsed = name, patience, collapsed
+    self.stuck_steps, self.last_loss = 0, None
+
+  def check(self, metrics: dict, done: int, last_saved: int | None,
+            directory: str) -> errors.TrainingStopped | None:
+    """The error to raise after step `done`, or None to go on."""
+    bad = [k for k in ("loss", "grad_norm", "update_norm") if not np.isfinite(metrics[k])]
+    loss, last = float(metrics["loss"]), self.last_loss
+    stuck = (float(metrics["grad_norm"]) == 0.0 and last is not None
+             and abs(loss - last) <= 1e-7 * max(1.0, abs(last)))
+    collapsed = bool(self.collapsed and self.collapsed(metrics))
+    self.stuck_steps = self.stuck_steps + 1 if stuck or collapsed else 0
+    self.last_loss = loss
+    if not bad and not (self.patience and self.stuck_steps >= self.patience):
+      return None
+    why = (f"non-finite {', '.join(bad)} at step {done}" if bad else
+           f"training stuck for {self.stuck_steps} steps at step {done} (loss {loss:.6g}, "
+           f"grad_norm {float(metrics['grad_norm']):.3g}{', collapsed' if collapsed else ''}): "
+           f"the model has diverged or saturated; lower the learning rate")
+    kept = (f"the last good checkpoint is step {last_saved} in {directory}"
+            if last_saved is not None else "no checkpoint was saved yet")
+    return errors.TrainingStopped(f"[{self.name}] {why}; training stopped, {kept} (no later "
+                                  f"state was saved)")
+
+
+def _compiled_step_memory(name: str, step_fn, *args) -> dict:
+  """Compiles the step (jit reuses it for the calls that follow) and prints its memory."""
+  memory = compiled_memory(step_fn.lower(*args).compile())
+  size = {k: _human_bytes(v) for k, v in memory.items()}
+  print(f"[{name}] compiled train step, per device: peak {size['peak_bytes']} (arguments "
+        f"{size['argument_bytes']}, temporaries {size['temp_bytes']}, outputs "
+        f"{size['output_bytes']}, donated {size['alias_bytes']})", flush=True)
+  return memory
+
+
+def _log_progress(name: str, tcfg, done: int, metrics: dict, t_last: float, writer) -> float:
+  """The progress line and train scalars every log_every steps (and at the end)."""
+  if done % tcfg.log_every and done != tcfg.steps:
+    return t_last
+  now = time.perf_counter()
+  rate = tcfg.log_every / max(now - t_last, 1e-9) if done % tcfg.log_every == 0 else 0.0
+  print(f"[{name}] step {done}/{tcfg.steps} {_format(metrics)} steps/s={rate:.2f} "
+        f"eta={(tcfg.steps - done) / rate if rate else 0.0:.0f}s", flush=True)
+  writer.scalars(done, metrics, f"{name}/train/")
+  return now
+
+
+def _evaluate(name: str, eval_fn, trainable, done: int, writer) -> dict:
+  """Runs eval_fn, prints and logs its metrics; returns them as history entries (eval_*)."""
+  eval_metrics = eval_fn(trainable)
+  print(f"[{name}] eval at step {done}: {_format(eval_metrics)}", flush=True)
+  writer.scalars(done, eval_metrics, f"{name}/eval/")
+  return {f"eval_{k}": float(v) for k, v in eval_metrics.items()}
+
+
+def _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn, trainable, frozen, meta):
+  """The jitted step, the state (restored from the latest checkpoint if any) and the frozen
+  leaves on their shardings, the checkpointer, and the meta each checkpoint records."""
   os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(optim_cfg, tcfg.steps)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
@@ -254,82 +312,57 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   step_fn, state_shardings, frozen_shardings = sharded_train_step(
       make_train_step(loss_fn, optimizer, tcfg.accum_steps, tcfg.get("updates_per_batch", 1)),
       mesh, state, frozen)
-  state = jax.device_put(state, state_shardings)
-  frozen = jax.device_put(frozen, frozen_shardings)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
   recorded = identity_lib.read(workdir)
   meta = dict(meta or {}, identity=recorded["sha256"] if recorded else None)
-  if ckpt.latest_step() is not None:
-    state, saved_meta = ckpt.restore(state)
-    if not identity_lib.accepts(workdir, saved_meta.get("identity")):
-      ckpt.close()
-      raise errors.WorkdirMismatch(
-          f"the checkpoints in {ckpt.directory} were written by a run of another config or data "
-          f"(identity {str(saved_meta.get('identity'))[:12]}, this run "
-          f"{str(meta['identity'])[:12]}): use a new --workdir")
-    logging.info("%s: resumed from step %d in %s", name, int(state["step"]), ckpt.directory)
-    print(f"[{name}] resumed from checkpoint at step {int(state['step'])}", flush=True)
-  start = int(state["step"])
-  base_rng = jax.random.key(seed)
+  state = _restore(ckpt, jax.device_put(state, state_shardings), workdir, meta["identity"], name)
+  return step_fn, state, jax.device_put(frozen, frozen_shardings), ckpt, meta
+
+
+def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
+        optim_cfg: ml_collections.ConfigDict, seed: int, mesh, loss_fn: LossFn,
+        trainable: Any, frozen: Any, batch_at: Callable[..., dict],
+        batch_uses_state: bool = False,
+        eval_fn: Callable[[Any], dict] | None = None, meta: dict | None = None,
+        writer: Writer | None = None,
+        collapsed: Callable[[dict], bool] | None = None) -> dict:
+  """Trains `trainable` (donated: use the returned state) for train.steps optimizer steps.
+
+  `batch_at(step)` gives the step's batch (`batch_at(step, trainable)` with batch_uses_state: RL
+  rollouts). Resumes from the latest checkpoint in `workdir/checkpoints` with the batches and
+  random numbers of an uninterrupted run; stops with errors.TrainingStopped as StopGuard says."""
+  tcfg = train_cfg
+  step_fn, state, frozen, ckpt, meta = _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn,
+                                              trainable, frozen, meta)
+  start, base_rng = int(state["step"]), jax.random.key(seed)
   own_writer = writer is None
   writer = writer or Writer(workdir)
-  dropped = writer.resume(f"{name}/", start)
-  if dropped:
+  if dropped := writer.resume(f"{name}/", start):
     print(f"[{name}] dropped {dropped} log lines written after step {start} by an interrupted "
           f"run", flush=True)
-  stuck_steps, last_loss = 0, None
-  step_times, history, last_saved, metrics = [], [], ckpt.latest_step(), {}
-  step_memory = None
+  guard = StopGuard(name, tcfg.get("stop_if_stuck", 0), collapsed)
+  step_times, history, last_saved, metrics, step_memory = [], [], ckpt.latest_step(), {}, None
   t_last = time.perf_counter()
   for step in range(start, tcfg.steps):
     # No implicit host<->device copy on the hot path: batches and metrics move explicitly
     # (device_put / device_get); anything else is an error here, not a silent slowdown.
     with jax.transfer_guard("disallow"):
       host_batch = batch_at(step, state["trainable"]) if batch_uses_state else batch_at(step)
-      batch = sharding_lib.put_batch(host_batch, mesh)
-      step_rng = step_key(base_rng, step, mesh)
-      if step_memory is None:  # jit reuses this compilation for the calls below
-        step_memory = compiled_memory(step_fn.lower(state, frozen, batch, step_rng).compile())
-        size = {k: _human_bytes(v) for k, v in step_memory.items()}
-        print(f"[{name}] compiled train step, per device: peak {size['peak_bytes']} (arguments "
-              f"{size['argument_bytes']}, temporaries {size['temp_bytes']}, outputs "
-              f"{size['output_bytes']}, donated {size['alias_bytes']})", flush=True)
+      args = (frozen, sharding_lib.put_batch(host_batch, mesh), step_key(base_rng, step, mesh))
+      step_memory = step_memory or _compiled_step_memory(name, step_fn, state, *args)
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, frozen, batch, step_rng)
+      state, metrics = step_fn(state, *args)
       metrics = jax.device_get(metrics)
       step_times.append(time.perf_counter() - t0)
-    bad = [k for k in ("loss", "grad_norm", "update_norm") if not np.isfinite(metrics[k])]
-    stuck = (float(metrics["grad_norm"]) == 0.0 and last_loss is not None
-             and abs(float(metrics["loss"]) - last_loss) <= 1e-7 * max(1.0, abs(last_loss)))
-    stuck_steps = stuck_steps + 1 if stuck or (collapsed and collapsed(metrics)) else 0
-    last_loss = float(metrics["loss"])
-    if bad or (tcfg.get("stop_if_stuck", 0) and stuck_steps >= tcfg.stop_if_stuck):
-      ckpt.close()
-      why = (f"non-finite {', '.join(bad)} at step {step + 1}" if bad else
-             f"training stuck for {stuck_steps} steps at step {step + 1} (loss "
-             f"{last_loss:.6g}, grad_norm {float(metrics['grad_norm']):.3g}"
-             f"{', collapsed' if collapsed and collapsed(metrics) else ''}): the model has "
-             f"diverged or saturated; lower the learning rate")
-      kept = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
-              if last_saved is not None else "no checkpoint was saved yet")
-      raise errors.TrainingStopped(f"[{name}] {why}; training stopped, {kept} (no later state "
-                                   f"was saved)")
     done = step + 1
+    if stop := guard.check(metrics, done, last_saved, ckpt.directory):
+      ckpt.close()
+      raise stop
     history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
-    if done % tcfg.log_every == 0 or done == tcfg.steps:
-      now = time.perf_counter()
-      rate = tcfg.log_every / max(now - t_last, 1e-9) if done % tcfg.log_every == 0 else 0.0
-      t_last = now
-      eta = (tcfg.steps - done) / rate if rate else 0.0
-      print(f"[{name}] step {done}/{tcfg.steps} {_format(metrics)} steps/s={rate:.2f} "
-            f"eta={eta:.0f}s", flush=True)
-      writer.scalars(done, metrics, f"{name}/train/")
+    t_last = _log_progress(name, tcfg, done, metrics, t_last, writer)
     if eval_fn is not None and (done == tcfg.steps or (tcfg.eval_every
                                                        and done % tcfg.eval_every == 0)):
-      eval_metrics = eval_fn(state["trainable"])
-      print(f"[{name}] eval at step {done}: {_format(eval_metrics)}", flush=True)
-      writer.scalars(done, eval_metrics, f"{name}/eval/")
-      history[-1].update({f"eval_{k}": float(v) for k, v in eval_metrics.items()})
+      history[-1].update(_evaluate(name, eval_fn, state["trainable"], done, writer))
     if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
       ckpt.save(done, state, {**meta, "step": done, "examples_seen": done * tcfg.batch_size})
       writer.flush()  # TensorBoard is never behind the last checkpoint
@@ -337,10 +370,9 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   ckpt.close()
   if own_writer:
     writer.close()
-  final = {k: float(v) for k, v in metrics.items()}
-  # Skip the first (compiling) step in the timing when there are others.
-  timed = step_times[1:] if len(step_times) > 1 else step_times
-  return {"state": state, "final_metrics": final, "history": history,
+  timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step compiles
+  return {"state": state, "final_metrics": {k: float(v) for k, v in metrics.items()},
+          "history": history,
           "train_step_compilations": step_fn._cache_size(),  # 1: no re-jit after the first step
           "step_memory": step_memory or {},  # bytes per device of the compiled step
           "step_time_s": statistics.median(timed) if timed else float("nan"),
