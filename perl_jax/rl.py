@@ -17,6 +17,7 @@ the KL enters the return as the summed k1 estimate; with "loss" it is a k3 penal
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -89,7 +90,7 @@ def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool
 # ----------------------------------------------------------------------------- scoring
 
 
-def make_scorer(model, reward_fn, rcfg, prompt_len: int, with_value: bool, eos_id: int):
+def make_scorer(model, reward_fn, rl_cfg, prompt_len: int, with_value: bool, eos_id: int):
   """Jitted: rollout -> rewards, anchor/policy log-probs, entropy, values.
 
   reward_fn(reward_variables, tokens, input_mask) -> [B] scores the whole sequences (the reward
@@ -102,7 +103,7 @@ def make_scorer(model, reward_fn, rcfg, prompt_len: int, with_value: bool, eos_i
     cmask = rollout["completion_mask"]
     rm_scores = reward_fn(reward_variables, tokens, input_mask)
     reached_eos = jnp.any(rollout["completion"] == eos_id, axis=1)
-    rm_scores = rm_scores - rcfg.missing_eos_penalty * (~reached_eos)
+    rm_scores = rm_scores - rl_cfg.missing_eos_penalty * (~reached_eos)
     policy_logprobs, entropy = roles.token_logprobs(
         model, policy_variables(trainable, frozen), tokens, input_mask, prompt_len,
         with_entropy=True)
@@ -121,15 +122,15 @@ def make_scorer(model, reward_fn, rcfg, prompt_len: int, with_value: bool, eos_i
   return score
 
 
-def shape_returns(scored, cmask, rcfg):
+def shape_returns(scored, cmask, rl_cfg):
   """Per-sequence returns [B] and per-token rewards [B, N] of the PERL objective."""
-  beta = rcfg.kl_coef
+  beta = rl_cfg.kl_coef
   rm = scored["rm_scores"]
-  if rcfg.whiten_rewards:
+  if rl_cfg.whiten_rewards:
     rm = losses.whiten(rm)
   task_reward = (1.0 - beta) * rm
   kl_tokens = losses.kl_k1(scored["policy_logprobs"], scored["anchor_logprobs"]) * cmask
-  token_rewards = -beta * kl_tokens if rcfg.kl_mode == "reward" else jnp.zeros_like(kl_tokens)
+  token_rewards = -beta * kl_tokens if rl_cfg.kl_mode == "reward" else jnp.zeros_like(kl_tokens)
   last = jnp.sum(cmask, axis=1).astype(jnp.int32) - 1
   token_rewards = token_rewards + jax.nn.one_hot(last, cmask.shape[1]) * task_reward[:, None]
   return jnp.sum(token_rewards, axis=1), token_rewards
@@ -138,7 +139,7 @@ def shape_returns(scored, cmask, rcfg):
 # ----------------------------------------------------------------------------- loss
 
 
-def rl_loss_fn(model, rcfg, prompt_len: int):
+def rl_loss_fn(model, rl_cfg, prompt_len: int):
   """Pure loss of one RL update; the batch holds the scored rollout and its advantages.
 
   The policy and value forwards here are training passes: LoRA dropout (lora.dropout) is on,
@@ -147,7 +148,7 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
   dropout PPO's ratio compares a dropped-out policy with the deterministic one that sampled
   (as TRL with PEFT dropout does); with dropout 0 nothing here depends on the rng.
   """
-  algorithm = rcfg.algorithm
+  algorithm = rl_cfg.algorithm
 
   def values_of(trainable, frozen, tokens, input_mask, rng):  # a training pass: dropout on
     return roles.token_values(model, value_variables(trainable, frozen), tokens, input_mask,
@@ -165,10 +166,10 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
                "entropy": jnp.mean(losses.masked_mean(entropy, cmask, axis=1))}
     if algorithm == "ppo":
       pg_loss, clip_fraction = losses.ppo_policy_loss(
-          logprobs, batch["policy_logprobs"], batch["advantages"], cmask, rcfg.ppo_clip)
+          logprobs, batch["policy_logprobs"], batch["advantages"], cmask, rl_cfg.ppo_clip)
       values = values_of(trainable, frozen, tokens, input_mask, value_rng)
       v_loss = losses.value_loss(values, batch["token_returns"], cmask, batch["values"],
-                                 rcfg.value_clip)
+                                 rl_cfg.value_clip)
       metrics["clip_fraction"] = clip_fraction
     else:
       pg_loss = losses.reinforce_loss(logprobs, cmask, batch["advantages"])
@@ -176,11 +177,11 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
       if algorithm == "reinforce":
         prompt_values = values_of(trainable, frozen, tokens, input_mask, value_rng)[:, 0]
         v_loss = losses.value_loss(prompt_values, batch["returns"])
-    loss = pg_loss + rcfg.value_coef * v_loss
-    if rcfg.kl_mode == "loss":
+    loss = pg_loss + rl_cfg.value_coef * v_loss
+    if rl_cfg.kl_mode == "loss":
       kl_penalty = jnp.mean(losses.masked_sum(
           losses.kl_k3(logprobs, batch["anchor_logprobs"]), cmask))
-      loss = loss + rcfg.kl_coef * kl_penalty
+      loss = loss + rl_cfg.kl_coef * kl_penalty
       metrics["kl_k3"] = kl_penalty
     metrics.update(pg_loss=pg_loss, value_loss=v_loss)
     return loss, metrics
@@ -188,20 +189,20 @@ def rl_loss_fn(model, rcfg, prompt_len: int):
   return loss_fn
 
 
-def advantages_for(scored, returns, token_rewards, cmask, rcfg):
+def advantages_for(scored, returns, token_rewards, cmask, rl_cfg):
   """What the update needs besides the rollout: advantages and value targets."""
-  if rcfg.algorithm == "rloo":
-    adv = losses.rloo_advantages(returns, rcfg.samples_per_prompt)
+  if rl_cfg.algorithm == "rloo":
+    adv = losses.rloo_advantages(returns, rl_cfg.samples_per_prompt)
     return {"advantages": adv}
-  if rcfg.algorithm == "reinforce":
+  if rl_cfg.algorithm == "reinforce":
     baseline = scored["values"][:, 0]  # V(prompt): the value before the first completion token
     adv = returns - baseline
-    if rcfg.whiten_advantages:
+    if rl_cfg.whiten_advantages:
       adv = losses.whiten(adv)
     return {"advantages": adv}
-  adv, token_returns = losses.gae(token_rewards, scored["values"], cmask, rcfg.gamma,
-                                  rcfg.gae_lambda)
-  if rcfg.whiten_advantages:
+  adv, token_returns = losses.gae(token_rewards, scored["values"], cmask, rl_cfg.gamma,
+                                  rl_cfg.gae_lambda)
+  if rl_cfg.whiten_advantages:
     adv = losses.whiten(adv, cmask) * cmask
   return {"advantages": adv, "token_returns": token_returns}
 
@@ -209,24 +210,19 @@ def advantages_for(scored, returns, token_rewards, cmask, rcfg):
 # ----------------------------------------------------------------------------- stage
 
 
-def validate(rcfg):
-  if rcfg.algorithm not in ALGORITHMS:
-    raise ValueError(f"rl.algorithm must be one of {ALGORITHMS}, got {rcfg.algorithm!r}")
-  if rcfg.kl_mode not in ("reward", "loss"):
-    raise ValueError(f"rl.kl_mode must be 'reward' or 'loss', got {rcfg.kl_mode!r}")
-  if rcfg.algorithm == "rloo" and rcfg.samples_per_prompt < 2:
+def validate(rl_cfg):
+  if rl_cfg.algorithm not in ALGORITHMS:
+    raise ValueError(f"rl.algorithm must be one of {ALGORITHMS}, got {rl_cfg.algorithm!r}")
+  if rl_cfg.kl_mode not in ("reward", "loss"):
+    raise ValueError(f"rl.kl_mode must be 'reward' or 'loss', got {rl_cfg.kl_mode!r}")
+  if rl_cfg.algorithm == "rloo" and rl_cfg.samples_per_prompt < 2:
     raise ValueError("rl.algorithm='rloo' needs rl.samples_per_prompt >= 2")
-  episodes = rcfg.prompts_per_step * rcfg.samples_per_prompt
-  if rcfg.train.batch_size != episodes:
-    raise ValueError(f"rl.train.batch_size ({rcfg.train.batch_size}) must equal "
+  episodes = rl_cfg.prompts_per_step * rl_cfg.samples_per_prompt
+  if rl_cfg.train.batch_size != episodes:
+    raise ValueError(f"rl.train.batch_size ({rl_cfg.train.batch_size}) must equal "
                      f"rl.prompts_per_step * rl.samples_per_prompt ({episodes})")
-  if not 0.0 <= rcfg.kl_coef < 1.0:
-    raise ValueError(f"rl.kl_coef (beta) must be in [0, 1), got {rcfg.kl_coef}")
-
-
-def reward_model_fn(rm_model):
-  return lambda variables, tokens, input_mask: roles.sequence_scores(rm_model, variables, tokens,
-                                                                     input_mask)
+  if not 0.0 <= rl_cfg.kl_coef < 1.0:
+    raise ValueError(f"rl.kl_coef (beta) must be in [0, 1), got {rl_cfg.kl_coef}")
 
 
 def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, frozen, reward_fn,
@@ -236,11 +232,11 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
   prompt_arrays: {"tokens", "mask"} left-padded training prompts of length data.prompt_len.
   Returns fit's result plus the median rollout and scoring times.
   """
-  rcfg = config.rl
-  validate(rcfg)
+  rl_cfg = config.rl
+  validate(rl_cfg)
   prompt_len = prompt_arrays["tokens"].shape[1]
-  with_value = rcfg.algorithm in ("reinforce", "ppo")
-  score = make_scorer(model, reward_fn, rcfg, prompt_len, with_value, sample_cfg.eos_id)
+  with_value = rl_cfg.algorithm in ("reinforce", "ppo")
+  score = make_scorer(model, reward_fn, rl_cfg, prompt_len, with_value, sample_cfg.eos_id)
   keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length") + (
       ("values",) if with_value else ())
 
@@ -248,8 +244,8 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
   def update_batch(rollout, scored):
     """The update's batch: the rollout, its scores, returns and advantages (all on device)."""
     cmask = rollout["completion_mask"].astype(jnp.float32)
-    returns, token_rewards = shape_returns(scored, cmask, rcfg)
-    extra = advantages_for(scored, returns, token_rewards, cmask, rcfg)
+    returns, token_rewards = shape_returns(scored, cmask, rl_cfg)
+    extra = advantages_for(scored, returns, token_rewards, cmask, rl_cfg)
     return {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
             "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
             **{k: scored[k] for k in keep}}
@@ -258,8 +254,8 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
   rollout_key = jax.random.key(config.seed + 21)
 
   def rollout_batch(step, trainable):
-    prompts = batching.batch_at(prompt_arrays, step, rcfg.prompts_per_step, config.seed)
-    k = rcfg.samples_per_prompt
+    prompts = batching.batch_at(prompt_arrays, step, rl_cfg.prompts_per_step, config.seed)
+    k = rl_cfg.samples_per_prompt
     prompts = sharding_lib.put_batch({"tokens": np.repeat(prompts["tokens"], k, axis=0),
                                       "mask": np.repeat(prompts["mask"], k, axis=0)}, mesh)
     t0 = time.perf_counter()
@@ -275,86 +271,63 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
     return batch
 
   result = train_lib.fit(
-      name=name, workdir=stage_dir, train_cfg=rcfg.train,
-      optim_cfg=common.optim_for(rcfg.optim, config.lora.rank == 0), seed=config.seed,
-      mesh=mesh, loss_fn=rl_loss_fn(model, rcfg, prompt_len), trainable=trainable, frozen=frozen,
+      name=name, workdir=stage_dir, train_cfg=rl_cfg.train,
+      optim_cfg=common.optim_for(rl_cfg.optim, config.lora.rank == 0), seed=config.seed,
+      mesh=mesh, loss_fn=rl_loss_fn(model, rl_cfg, prompt_len), trainable=trainable, frozen=frozen,
       batch_at=rollout_batch, batch_uses_state=True, eval_fn=eval_fn,
-      meta={"stage": name, "algorithm": rcfg.algorithm}, writer=writer)
+      meta={"stage": name, "algorithm": rl_cfg.algorithm}, writer=writer)
   median = lambda xs: float(np.median(xs[1:] if len(xs) > 1 else xs)) if xs else float("nan")
   result["rollout_time_s"] = median(timings["rollout"])  # the first call compiles: skipped
   result["scoring_time_s"] = median(timings["scoring"])
   return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
-  rcfg = config.rl
-  validate(rcfg)
-  stage_dir = os.path.join(workdir, "rl")
-  os.makedirs(stage_dir, exist_ok=True)
-  tok = common.load_tokenizer(config)
-  model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
-  full_finetune = config.lora.rank == 0
+def _roles(config, workdir: str, model, tok, mesh):
+  """(rm_model, rm_variables, trainable, frozen): the reward model, and the policy (and value)
+  to train on the one frozen backbone, all on `mesh`."""
+  rl_cfg, full_finetune = config.rl, config.lora.rank == 0
   rm_model, rm_variables = roles.load_reward_model(config, workdir, tok, mesh)
   # Under LoRA the reward model's backbone *is* the policy's: the same arrays, not a copy.
   backbone = rm_variables["params"] if not full_finetune else roles.backbone_for(
       config, workdir, model, mesh)
-  with_value = rcfg.algorithm in ("reinforce", "ppo")
   sft_adapter = None
-  if rcfg.sft_adapter:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
+  if rl_cfg.sft_adapter:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
     expected = roles.abstract_variables(model)[lora_lib.ADAPTER]
-    sft_adapter = checkpoint_lib.load_tree(rcfg.sft_adapter,
+    sft_adapter = checkpoint_lib.load_tree(rl_cfg.sft_adapter,
                                            roles.sharded_abstract(expected, mesh))
-    lora_lib.check_adapter_tree(expected, sft_adapter, f"rl.sft_adapter ({rcfg.sft_adapter})")
-  trainable, frozen = init_roles(model, backbone, full_finetune, config.seed, with_value,
-                                 sft_adapter, mesh)
-  trainable, frozen = common.place(trainable, mesh), common.place(frozen, mesh)
-  report = common.param_report(trainable, frozen)
-  what = "full model copies" if full_finetune else "LoRA adapters"
-  print(f"[rl] {rcfg.algorithm}: training {what} ({report['trainable_params']:,} params); "
-        f"beta={rcfg.kl_coef}, kl_mode={rcfg.kl_mode}, "
-        f"{rcfg.prompts_per_step} prompts x {rcfg.samples_per_prompt} samples per step",
-        flush=True)
-  sample_cfg = roles.sampling_config(config, tok, rcfg.temperature)
-  reward_fn = reward_model_fn(rm_model)
-  evaluate = make_evaluator(config, workdir, model, reward_fn, rm_variables, frozen, tok,
-                            sample_cfg)
+    lora_lib.check_adapter_tree(expected, sft_adapter, f"rl.sft_adapter ({rl_cfg.sft_adapter})")
+  trainable, frozen = init_roles(model, backbone, full_finetune, config.seed,
+                                 rl_cfg.algorithm in ("reinforce", "ppo"), sft_adapter, mesh)
+  return rm_model, rm_variables, common.place(trainable, mesh), common.place(frozen, mesh)
 
-  def eval_fn(trainable):
-    metrics = evaluate(trainable)
-    for line in metrics.pop("samples"):
-      print(f"[rl] sample: {line}", flush=True)
-    return metrics
 
-  initial_path = os.path.join(stage_dir, "initial_eval.json")
-  if os.path.exists(initial_path):
-    initial = json.load(open(initial_path))
-  else:
-    initial = evaluate(trainable)
-    common.write_json(initial_path, initial)
-  # The task judge's metrics (evaluate() reports each beside its anchor_ value, as it does the
-  # reward model's "reward").
-  judged_keys = [k for k in initial if f"anchor_{k}" in initial and k != "reward"]
-  print(f"[rl] before training: reward {initial['reward']:.3f}" +
-        "".join(f", {k} {initial[k]:.3f}" for k in judged_keys), flush=True)
+def _initial_eval(stage_dir: str, evaluate, trainable) -> dict:
+  """The held-out evaluation before training, computed once per workdir (kept on disk, so a
+  resumed run reports the same starting point)."""
+  path = os.path.join(stage_dir, "initial_eval.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  initial = evaluate(trainable)
+  common.write_json(path, initial)
+  return initial
 
-  prompts = tasks.get(config.task).rl_prompts(config, workdir)
-  prompt_tokens, prompt_mask = roles.encode_prompts(tok, prompts, config.data.prompt_len)
-  result = train_policy(name="rl", stage_dir=stage_dir, config=config, mesh=mesh, writer=writer,
-                        model=model, trainable=trainable, frozen=frozen, reward_fn=reward_fn,
-                        reward_variables=rm_variables,
-                        prompt_arrays={"tokens": prompt_tokens, "mask": prompt_mask},
-                        sample_cfg=sample_cfg, eval_fn=eval_fn)
-  final = evaluate(result["state"]["trainable"])
-  samples = final.pop("samples")
-  initial_samples = initial.pop("samples", [])
-  rollout_s, scoring_s = result["rollout_time_s"], result["scoring_time_s"]
-  batch_tokens = rcfg.prompts_per_step * rcfg.samples_per_prompt * config.sampling.max_new_tokens
+
+def _write_curve(stage_dir: str, initial: dict, history: list[dict], judged_keys: list[str]):
   start = {"step": 0, "eval_reward": initial["reward"], "eval_kl": initial["kl"]}
   start.update({f"eval_{k}": initial[k] for k in judged_keys})
-  curve_keys = ("step", "reward", "kl", "eval_reward", "eval_kl",
-                *(f"eval_{k}" for k in judged_keys))
-  curve = [start] + [{k: h[k] for k in curve_keys if k in h} for h in result["history"]]
+  keys = ("step", "reward", "kl", "eval_reward", "eval_kl", *(f"eval_{k}" for k in judged_keys))
+  curve = [start] + [{k: h[k] for k in keys if k in h} for h in history]
   common.write_json(os.path.join(stage_dir, "curve.json"), curve)
+
+
+def _summary(config, initial: dict, final: dict, result: dict, report: dict,
+             judged_keys: list[str]) -> dict:
+  """The stage's results (and its closing line): reward model, KL, judge, timings."""
+  rl_cfg = config.rl
+  samples, initial_samples = final.pop("samples"), initial.pop("samples", [])
+  rollout_s, scoring_s = result["rollout_time_s"], result["scoring_time_s"]
+  batch_tokens = rl_cfg.prompts_per_step * rl_cfg.samples_per_prompt * (
+      config.sampling.max_new_tokens)
   summary = {"reward_initial": initial["reward"], "reward_final": final["reward"],
              "kl_final": final["kl"], "win_rate_vs_anchor": final["win_rate_vs_anchor"],
              "steps": result["steps"],
@@ -381,15 +354,58 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   return summary
 
 
+def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
+  rl_cfg = config.rl
+  validate(rl_cfg)
+  stage_dir = os.path.join(workdir, "rl")
+  os.makedirs(stage_dir, exist_ok=True)
+  tok = common.load_tokenizer(config)
+  model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
+  rm_model, rm_variables, trainable, frozen = _roles(config, workdir, model, tok, mesh)
+  report = common.param_report(trainable, frozen)
+  what = "full model copies" if config.lora.rank == 0 else "LoRA adapters"
+  print(f"[rl] {rl_cfg.algorithm}: training {what} ({report['trainable_params']:,} params); "
+        f"beta={rl_cfg.kl_coef}, kl_mode={rl_cfg.kl_mode}, "
+        f"{rl_cfg.prompts_per_step} prompts x {rl_cfg.samples_per_prompt} samples per step",
+        flush=True)
+  sample_cfg = roles.sampling_config(config, tok, rl_cfg.temperature)
+  reward_fn = functools.partial(roles.sequence_scores, rm_model)
+  evaluate = make_evaluator(config, workdir, model, reward_fn, rm_variables, frozen, tok,
+                            sample_cfg)
+
+  def eval_fn(trainable):
+    metrics = evaluate(trainable)
+    for line in metrics.pop("samples"):
+      print(f"[rl] sample: {line}", flush=True)
+    return metrics
+
+  initial = _initial_eval(stage_dir, evaluate, trainable)
+  # The task judge's metrics (evaluate() reports each beside its anchor_ value, as it does the
+  # reward model's "reward").
+  judged_keys = [k for k in initial if f"anchor_{k}" in initial and k != "reward"]
+  print(f"[rl] before training: reward {initial['reward']:.3f}" +
+        "".join(f", {k} {initial[k]:.3f}" for k in judged_keys), flush=True)
+  prompts = tasks.get(config.task).rl_prompts(config, workdir)
+  prompt_tokens, prompt_mask = roles.encode_prompts(tok, prompts, config.data.prompt_len)
+  result = train_policy(name="rl", stage_dir=stage_dir, config=config, mesh=mesh, writer=writer,
+                        model=model, trainable=trainable, frozen=frozen, reward_fn=reward_fn,
+                        reward_variables=rm_variables,
+                        prompt_arrays={"tokens": prompt_tokens, "mask": prompt_mask},
+                        sample_cfg=sample_cfg, eval_fn=eval_fn)
+  _write_curve(stage_dir, initial, result["history"], judged_keys)
+  final = evaluate(result["state"]["trainable"])
+  return _summary(config, initial, final, result, report, judged_keys)
+
+
 def make_evaluator(config, workdir, model, reward_fn, reward_variables, frozen, tok, sample_cfg):
   """Held-out evaluation: policy vs anchor samples on prompts RL never trains on, scored by the
   reward model and by the task's judge (e.g. the reviews task's gold reward)."""
-  rcfg = config.rl
+  rl_cfg = config.rl
   prompts, judge = tasks.get(config.task).eval_set(config, workdir)
   tokens, mask = (jnp.asarray(a) for a in roles.encode_prompts(tok, prompts,
                                                                 config.data.prompt_len))
   rng = jax.random.key(config.seed + 31)
-  scorer = make_scorer(model, reward_fn, rcfg, config.data.prompt_len, False, tok.eos_id)
+  scorer = make_scorer(model, reward_fn, rl_cfg, config.data.prompt_len, False, tok.eos_id)
   anchor_cache = {}
 
   def rollout_and_score(trainable, variables):
