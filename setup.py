@@ -22,6 +22,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
         # PNG reward/KL curves in the demo report and experiments.
         "matplotlib>=3.8",
+        # The reward model's ROC AUC (Mann-Whitney U); jax depends on it already.
+        "scipy>=1.11",
     ],
     extras_require={
         # Released checkpoints in and out (perl_jax.checkpoints, perl_jax.convert): safetensors

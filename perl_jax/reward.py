@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import scipy.stats
 
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
@@ -93,18 +94,13 @@ def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: f
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-  """P(score of a random positive > score of a random negative), ties half (Mann-Whitney U);
-  NaN unless both classes are present. RL needs the ranking, not the threshold."""
+  """P(score of a random positive > score of a random negative), ties half: the Mann-Whitney U
+  statistic over n_pos * n_neg; NaN unless both classes are present. RL needs the ranking, not
+  the threshold."""
   positives, negatives = scores[labels], scores[~labels]
   if not len(positives) or not len(negatives):
     return float("nan")
-  order = np.argsort(scores, kind="stable")
-  ranks = np.empty(len(scores))
-  ranks[order] = np.arange(1, len(scores) + 1)
-  for value in np.unique(scores):  # average ranks over ties
-    tied = scores == value
-    ranks[tied] = ranks[tied].mean()
-  u = ranks[labels].sum() - len(positives) * (len(positives) + 1) / 2
+  u = scipy.stats.mannwhitneyu(positives, negatives, alternative="two-sided").statistic
   return float(u / (len(positives) * len(negatives)))
 
 
@@ -151,7 +147,7 @@ def load_data(config, workdir, tok):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
-  rcfg = config.reward
+  reward_cfg = config.reward
   tok = common.load_tokenizer(config)
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size))
   train_prefs, eval_prefs, train_arrays, eval_arrays = load_data(config, workdir, tok)
@@ -166,6 +162,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
         f"({report['trainable_percent']:.3f}%)", flush=True)
 
   stage_dir = os.path.join(workdir, "reward")
+  # The best-validation model is kept by hand, not by orbax's best_fn: it is chosen at each
+  # evaluation (eval_every), which need not be a checkpoint step, and later stages load only its
+  # adapter (+ head) as a plain tree.
   best_path, best_info_path = os.path.join(stage_dir, "best"), os.path.join(stage_dir, "best.json")
   best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {"accuracy": -1.0}
   frozen_scores = jax.jit(lambda t, f, b: roles.sequence_scores(model, {**f, **t}, b["tokens"],
@@ -173,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   score_fn = lambda t, b: frozen_scores(t, frozen, b)  # frozen is an argument, not a constant
 
   def eval_fn(trainable):
-    metrics = evaluate(score_fn, trainable, eval_arrays, rcfg.eval_batch_size, mesh, rcfg.margin)
+    metrics = evaluate(score_fn, trainable, eval_arrays, reward_cfg.eval_batch_size, mesh, reward_cfg.margin)
     # Keep the best-validation reward model; never one that scores every row alike (collapsed).
     if metrics["accuracy"] > best["accuracy"] and not _collapsed(metrics):
       checkpoint_lib.save_tree(best_path, trainable)
@@ -182,18 +181,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
     return metrics
 
   result = train_lib.fit(
-      name="reward", workdir=stage_dir, train_cfg=rcfg.train,
-      optim_cfg=common.optim_for(rcfg.optim, full_finetune),
-      seed=config.seed, mesh=mesh, loss_fn=reward_loss_fn(model, rcfg.margin),
+      name="reward", workdir=stage_dir, train_cfg=reward_cfg.train,
+      optim_cfg=common.optim_for(reward_cfg.optim, full_finetune),
+      seed=config.seed, mesh=mesh, loss_fn=reward_loss_fn(model, reward_cfg.margin),
       trainable=trainable, frozen=frozen,
-      batch_at=lambda s: batching.batch_at(train_arrays, s, rcfg.train.batch_size, config.seed),
+      batch_at=lambda s: batching.batch_at(train_arrays, s, reward_cfg.train.batch_size, config.seed),
       eval_fn=eval_fn, meta={"stage": "reward", "model": config.model.to_dict(),
                              "lora": config.lora.to_dict()}, writer=writer,
       collapsed=_collapsed)
   final_eval = {k[len("eval_"):]: v for k, v in result["history"][-1].items()
                 if k.startswith("eval_")} if result["history"] else evaluate(
-                    score_fn, result["state"]["trainable"], eval_arrays, rcfg.eval_batch_size,
-                    mesh, rcfg.margin)
+                    score_fn, result["state"]["trainable"], eval_arrays, reward_cfg.eval_batch_size,
+                    mesh, reward_cfg.margin)
   summary = {f"eval_{k}": v for k, v in final_eval.items()}
   summary.update({"best_eval_accuracy": best["accuracy"], "steps": result["steps"],
                   "step_time_s": result["step_time_s"], "pairs_used": len(train_prefs.prompts),

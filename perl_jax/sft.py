@@ -38,7 +38,7 @@ def sft_loss(model):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
-  scfg = config.sft
+  sft_cfg = config.sft
   tok = common.load_tokenizer(config)
   cfg = common.model_cfg(config, tok.vocab_size)
   # SFT of the demo backbone trains every weight; no adapters.
@@ -58,24 +58,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   eval_loss = jax.jit(lambda t, b: loss_fn(t, frozen, b, jax.random.key(0))[0])
 
   def eval_fn(trainable):
-    n = (len(eval_pairs) // scfg.train.batch_size) * scfg.train.batch_size
+    n = (len(eval_pairs) // sft_cfg.train.batch_size) * sft_cfg.train.batch_size
     progress, losses = Progress("sft", "evaluating", n, "examples"), []
-    for i in range(0, n, scfg.train.batch_size):
+    for i in range(0, n, sft_cfg.train.batch_size):
       losses.append(jax.device_get(eval_loss(trainable, sharding_lib.put_batch(
-          {k: v[i:i + scfg.train.batch_size] for k, v in eval_arrays.items()}, mesh))))
-      progress.update(i + scfg.train.batch_size)
+          {k: v[i:i + sft_cfg.train.batch_size] for k, v in eval_arrays.items()}, mesh))))
+      progress.update(i + sft_cfg.train.batch_size)
     nll = float(np.mean(jax.device_get(losses)))
     return {"nll": nll, "perplexity": float(np.exp(nll))}
 
   result = train_lib.fit(
-      name="sft", workdir=os.path.join(workdir, "sft"), train_cfg=scfg.train,
-      optim_cfg=scfg.optim, seed=config.seed, mesh=mesh, loss_fn=loss_fn, trainable=trainable,
-      frozen=frozen, batch_at=lambda s: batching.batch_at(train_arrays, s, scfg.train.batch_size,
+      name="sft", workdir=os.path.join(workdir, "sft"), train_cfg=sft_cfg.train,
+      optim_cfg=sft_cfg.optim, seed=config.seed, mesh=mesh, loss_fn=loss_fn, trainable=trainable,
+      frozen=frozen, batch_at=lambda s: batching.batch_at(train_arrays, s, sft_cfg.train.batch_size,
                                                           config.seed),
       eval_fn=eval_fn, meta={"stage": "sft", "model": config.model.to_dict()}, writer=writer)
   params = result["state"]["trainable"]["params"]
   checkpoint_lib.save_tree(os.path.join(workdir, "sft", "backbone"), params)
-  sample_prompts, judge = task.eval_set(config, workdir, scfg.num_samples)
+  sample_prompts, judge = task.eval_set(config, workdir, sft_cfg.num_samples)
   samples = roles.sample_texts(model, {"params": params}, tok, sample_prompts, config,
                                jax.random.key(config.seed + 1))
   texts = [text for _, text in samples]
