@@ -17,7 +17,7 @@ import numpy as np
 
 from perl_jax import common
 from perl_jax import roles
-from perl_jax.tasks import reviews
+from perl_jax import tasks
 
 
 def _pairs(model, backbone, tok, prompts, config, rng):
@@ -27,7 +27,7 @@ def _pairs(model, backbone, tok, prompts, config, rng):
   return [(p, a, b) for (p, a), (_, b) in zip(first, second)]
 
 
-def label_pairs(pairs, bt_scale: float, rng: np.random.Generator | None):
+def label_pairs(pairs, gold_reward, bt_scale: float, rng: np.random.Generator | None):
   """Rows {prompt, chosen, rejected, gold_chosen, gold_rejected}.
 
   With `rng`, the first response is chosen with probability sigmoid((g_a - g_b) / bt_scale);
@@ -37,7 +37,7 @@ def label_pairs(pairs, bt_scale: float, rng: np.random.Generator | None):
   for prompt, a, b in pairs:
     if a.strip() == b.strip() or not a.strip() or not b.strip():
       continue
-    g_a, g_b = reviews.gold_reward(a), reviews.gold_reward(b)
+    g_a, g_b = gold_reward(a), gold_reward(b)
     if rng is None:
       if g_a == g_b:
         continue
@@ -60,11 +60,12 @@ def _write_jsonl(path, rows):
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   del writer
-  if config.task != "reviews":
-    raise ValueError(f"the prefs stage labels pairs with the reviews task's gold judge; task "
+  if not tasks.has_gold_judge(config.task):
+    raise ValueError(f"the prefs stage labels pairs with the task's gold judge; task "
                      f"{config.task!r} has none: take 'prefs' out of config.stages and point "
                      f"config.reward.data at published preference data")
-  pcfg = config.prefs
+  task = tasks.get(config.task)
+  prefs_cfg = config.prefs
   out_dir = os.path.join(workdir, "prefs")
   # A finished prefs stage of the same identity is skipped by main (perl_jax.identity); here the
   # pairs are (re)sampled.
@@ -73,13 +74,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   model = common.build_model(config, common.model_cfg(config, tok.vocab_size), lora_rank=0)
   backbone = roles.backbone_for(config, workdir, model, mesh)
   rng = jax.random.key(config.seed + 100)
-  train_prompts = reviews.train_prompts(pcfg.num_train_prompts, seed=config.seed + 3)
-  eval_prompts = reviews.eval_prompts(pcfg.num_eval_prompts)
+  train_prompts = task.train_prompts(prefs_cfg.num_train_prompts, seed=config.seed + 3)
+  eval_prompts = task.eval_prompts(prefs_cfg.num_eval_prompts)
   train_rows = label_pairs(_pairs(model, backbone, tok, train_prompts, config,
                                   jax.random.fold_in(rng, 0)),
-                           pcfg.bt_scale, np.random.default_rng(config.seed))
+                           task.gold_reward, prefs_cfg.bt_scale, np.random.default_rng(config.seed))
   eval_rows = label_pairs(_pairs(model, backbone, tok, eval_prompts, config,
-                                 jax.random.fold_in(rng, 1)), pcfg.bt_scale, None)
+                                 jax.random.fold_in(rng, 1)), task.gold_reward, prefs_cfg.bt_scale,
+                          None)
   _write_jsonl(os.path.join(out_dir, "train.jsonl"), train_rows)
   _write_jsonl(os.path.join(out_dir, "test.jsonl"), eval_rows)
   agree = np.mean([r["gold_chosen"] > r["gold_rejected"] for r in train_rows])

@@ -10,6 +10,10 @@ Each task module provides
                                  scores samples without the reward model (NaN = not applicable);
                                  a "gold_reward" metric also gets a win rate vs the anchor
   is_well_formed(text)        -> whether a sample has the task's form
+Tasks with a gold judge (the prefs stage samples and labels preference pairs with it) also have
+  gold_reward(text)           -> the gold score of one response
+  train_prompts(n, seed), eval_prompts(n)
+                              -> prompts for training and held-out pairs (disjoint)
 """
 from __future__ import annotations
 
@@ -22,3 +26,9 @@ def get(name: str):
   if name not in TASKS:
     raise ValueError(f"unknown config.task {name!r}; known: {TASKS}")
   return importlib.import_module(f"perl_jax.tasks.{name}")
+
+
+def has_gold_judge(name: str) -> bool:
+  """Whether the task can label preference pairs itself (the prefs stage)."""
+  task = get(name)
+  return all(hasattr(task, f) for f in ("gold_reward", "train_prompts", "eval_prompts"))
