@@ -18,13 +18,12 @@ import scipy.stats
 
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
+from perl_jax import evaluation
 from perl_jax import lora as lora_lib
 from perl_jax import losses
 from perl_jax import roles
-from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 from perl_jax.data import batching
-from perl_jax.progress import Progress
 
 
 def encode_preferences(tok, prefs, max_len: int) -> dict:
@@ -68,19 +67,9 @@ def class_balancing_weights(labels: np.ndarray) -> np.ndarray:
 
 
 def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: float) -> dict:
-  """Metrics over every held-out row (the last partial batch is padded, then dropped)."""
-  n = len(arrays["label"])
-  scores = []
-  progress = Progress("reward", "evaluating", n, "rows")
-  for start in range(0, n, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
-    short = batch_size - len(batch["label"])
-    if short:
-      batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
-    scores.append(np.asarray(score_fn(trainable, sharding_lib.put_batch(batch, mesh)))
-                  [:batch_size - short])
-    progress.update(start + batch_size - short)
-  scores = np.concatenate(scores)
+  """Metrics over every held-out row."""
+  scores = evaluation.per_row(lambda batch: {"scores": score_fn(trainable, batch)}, arrays,
+                              batch_size, mesh, "reward")["scores"]
   loss, metrics = losses.preference_loss(jnp.asarray(scores), jnp.asarray(arrays["label"]),
                                          margin)
   metrics = {k: float(v) for k, v in metrics.items()}

@@ -15,13 +15,12 @@ import numpy as np
 
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
+from perl_jax import evaluation
 from perl_jax import lora as lora_lib
 from perl_jax import roles
-from perl_jax import sharding as sharding_lib
 from perl_jax import tasks
 from perl_jax import train as train_lib
 from perl_jax.data import batching
-from perl_jax.progress import Progress
 
 
 def sft_loss(model):
@@ -35,6 +34,13 @@ def sft_loss(model):
     return nll, {"tokens": jnp.sum(weights)}
 
   return loss_fn
+
+
+def response_nll(model, variables, batch) -> dict:
+  """Per row: the summed NLL of its response tokens and their count (held-out evaluation)."""
+  token_logprobs, _ = roles.token_logprobs(model, variables, batch["tokens"], batch["input_mask"])
+  weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return {"nll": -jnp.sum(token_logprobs * weights, axis=1), "tokens": jnp.sum(weights, axis=1)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
@@ -55,16 +61,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
     initial = roles.new_backbone(model, config.seed, mesh)
   trainable, frozen = lora_lib.split_variables({"params": initial}, full_finetune=True)
   loss_fn = sft_loss(model)
-  eval_loss = jax.jit(lambda t, b: loss_fn(t, frozen, b, jax.random.key(0))[0])
+  row_nll = jax.jit(lambda t, b: response_nll(model, {**frozen, **t}, b))
 
-  def eval_fn(trainable):
-    n = (len(eval_pairs) // sft_cfg.train.batch_size) * sft_cfg.train.batch_size
-    progress, losses = Progress("sft", "evaluating", n, "examples"), []
-    for i in range(0, n, sft_cfg.train.batch_size):
-      losses.append(jax.device_get(eval_loss(trainable, sharding_lib.put_batch(
-          {k: v[i:i + sft_cfg.train.batch_size] for k, v in eval_arrays.items()}, mesh))))
-      progress.update(i + sft_cfg.train.batch_size)
-    nll = float(np.mean(jax.device_get(losses)))
+  def eval_fn(trainable):  # token-weighted over every held-out row
+    rows = evaluation.per_row(lambda b: row_nll(trainable, b), eval_arrays,
+                              sft_cfg.train.batch_size, mesh, "sft")
+    nll = float(rows["nll"].sum() / max(rows["tokens"].sum(), 1.0))
     return {"nll": nll, "perplexity": float(np.exp(nll))}
 
   result = train_lib.fit(
