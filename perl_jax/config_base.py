@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.reward = ml_collections.ConfigDict(dict(
       data=ml_collections.ConfigDict(dict(
-          # A dataset of perl_jax.data.preferences: jsonl_preferences, anthropic_hh,
+          # A dataset of perl_jax.data.loader: jsonl_preferences, anthropic_hh,
           # tldr_comparisons, shp or taskmaster (pointwise 0/1 labels, trained with BCE).
           name="jsonl_preferences",
           config="",  # builder config, e.g. "harmless-base" for anthropic_hh

@@ -113,14 +113,14 @@ def checkpoint_fingerprint(checkpoint: str) -> dict:
 
 
 def _data(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
-  from perl_jax.data import preferences  # TFDS is slow to import: only data stages need it
+  from perl_jax.data import loader  # TFDS is slow to import: only data stages need it
   out = {}
   if stage in ("sft", "rl") and config.task == "taskmaster" and config.data.manual_dir:
-    out["task"] = preferences.data_fingerprint("taskmaster_dialogs", config.data.manual_dir)
+    out["task"] = loader.data_fingerprint("taskmaster_dialogs", config.data.manual_dir)
   if stage == "reward":
     rd = config.reward.data
     manual_dir = rd.manual_dir or os.path.join(workdir, "prefs")
-    out["reward"] = preferences.data_fingerprint(rd.name, manual_dir, rd.config or None)
+    out["reward"] = loader.data_fingerprint(rd.name, manual_dir, rd.config or None)
   if stage == "rl":
     out["reward_model"] = (read(os.path.join(workdir, "reward")) or {}).get("sha256", "missing")
   return out

@@ -139,16 +139,16 @@ def _reward_data(p: _Problems, config, workdir: str, before: list[str]) -> None:
            "reward.data.manual_dir at preference files")
     return
   # Imported here: TFDS is slow to import and only runs that read preference data need it.
-  from perl_jax.data import preferences
-  if rd.name not in preferences.PREFERENCE_DATASETS:
-    p.choice(rd.name, "reward.data.name", preferences.PREFERENCE_DATASETS)
+  from perl_jax.data import loader
+  if rd.name not in loader.PREFERENCE_DATASETS:
+    p.choice(rd.name, "reward.data.name", loader.PREFERENCE_DATASETS)
     return
   if not rd.manual_dir or not os.path.isdir(rd.manual_dir):
     p.append(f"{field}: dataset {rd.name!r} reads its published files from a directory; "
              f"{rd.manual_dir!r} is not one")
     return
   try:
-    preferences.check_manual_files(rd.name, rd.manual_dir, rd.config or None)
+    loader.check_manual_files(rd.name, rd.manual_dir, rd.config or None)
   except ValueError as e:
     p.append(f"{field}: {e}")
 

@@ -17,7 +17,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 from perl_jax import main
 from perl_jax import model as model_lib
 from perl_jax import rl
-from perl_jax.data import preferences
+from perl_jax.data import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
@@ -40,7 +40,7 @@ def test_config_is_valid(path):
   for arg in args:
     config = _load(path, arg)[0] if arg else config
     assert config.model.preset in model_lib.PRESETS
-    assert config.reward.data.name in preferences.PREFERENCE_DATASETS
+    assert config.reward.data.name in loader.PREFERENCE_DATASETS
     rl.validate(config.rl)
     model_lib.build(model_lib.model_config(config.model.preset, vocab_size=256),
                     config.lora.rank, lora_targets=tuple(config.lora.targets))

@@ -10,8 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from perl_jax.data import preferences
-from perl_jax.data.preferences import load_preferences
+from perl_jax.data import anthropic_hh
+from perl_jax.data import loader
+from perl_jax.data import reading
+from perl_jax.data import taskmaster
+from perl_jax.data.loader import load_preferences
 
 TASKMASTER_REWARD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                      "..", "shared", "data", "taskmaster-coffee", "reward")
@@ -97,7 +100,7 @@ def test_anthropic_hh_report_survives_a_reload_without_the_manual_dir(tmp_path):
 
 
 def test_anthropic_hh_all_config_reads_every_subset(tmp_path):
-  write_hh(tmp_path / "hh", subsets=preferences._HH_SUBSETS)
+  write_hh(tmp_path / "hh", subsets=anthropic_hh.SUBSETS)
   train = load_preferences("anthropic_hh", "train", tmp_path / "hh", tmp_path / "tfds",
                            config="all")
   assert len(train.prompts) == 2 * 4 and train.rows_skipped == 5 * 4
@@ -122,7 +125,7 @@ def test_a_split_without_usable_rows_is_an_error(tmp_path):
 
 
 def test_missing_manual_dir_is_a_clear_error(tmp_path):
-  for name in preferences.PREFERENCE_DATASETS:
+  for name in loader.PREFERENCE_DATASETS:
     with pytest.raises(FileNotFoundError, match=f"{name}.*{tmp_path}/nowhere"):
       load_preferences(name, "train", tmp_path / "nowhere", tmp_path / "tfds")
 
@@ -226,7 +229,7 @@ def user_text_in(split):
   """An opening user turn that the dialog hash sends to `split`."""
   for i in range(1000):
     text = f"can i get coffee number {i}"
-    if preferences.taskmaster_split(taskmaster_row("x", text, {}, 1.0), "f:1") == split:
+    if taskmaster.taskmaster_split(taskmaster_row("x", text, {}, 1.0), "f:1") == split:
       return text
   raise AssertionError(split)
 
@@ -369,7 +372,7 @@ def corrupt_row(text, row):
 def test_taskmaster_reward_file_corrupt_midway_fails_naming_file_line_and_rows_lost(tmp_path):
   text, opening_line = corrupt_row(write_taskmaster_rewards(tmp_path / "tm", 72), row=30)
   (tmp_path / "tm/reward/reward_00.json").write_text(text)
-  with pytest.raises(preferences.PartialFileError) as error:
+  with pytest.raises(reading.PartialFileError) as error:
     load_preferences("taskmaster", "train", tmp_path / "tm", tmp_path / "tfds")
   message = str(error.value)
   assert "\n" not in message
@@ -377,7 +380,7 @@ def test_taskmaster_reward_file_corrupt_midway_fails_naming_file_line_and_rows_l
   assert "(42 rows lost)" in message  # rows 30..71
   assert "--config.reward.data.allow_partial=True" in message
   # The cached preparation raises again: the cut is in the builder's metadata.
-  with pytest.raises(preferences.PartialFileError, match="42 rows lost"):
+  with pytest.raises(reading.PartialFileError, match="42 rows lost"):
     load_preferences("taskmaster", "test", tmp_path / "tm", tmp_path / "tfds")
 
 
@@ -399,7 +402,7 @@ def test_allow_partial_counts_every_lost_row_as_skipped(tmp_path, capsys):
 def test_taskmaster_reward_file_cut_short_says_at_least_the_rows_started(tmp_path):
   text = write_taskmaster_rewards(tmp_path / "tm", 72)
   (tmp_path / "tm/reward/reward_00.json").write_text(text[:len(text) // 2])
-  with pytest.raises(preferences.PartialFileError,
+  with pytest.raises(reading.PartialFileError,
                      match=r"reward_00.json is unreadable from line \d+ \(at least 1 row lost: "
                            "the file ends before its JSON array closes\\)"):
     load_preferences("taskmaster", "train", tmp_path / "tm", tmp_path / "tfds")
@@ -413,7 +416,7 @@ def test_truncated_gzip_jsonl_is_a_partial_file_error_with_unknown_rows_lost(tmp
   write_lines(f"{tmp_path}/mine/train.jsonl.gz", rows, gz=True)
   data = (tmp_path / "mine/train.jsonl.gz").read_bytes()
   (tmp_path / "mine/train.jsonl.gz").write_bytes(data[:len(data) // 2])
-  with pytest.raises(preferences.PartialFileError,
+  with pytest.raises(reading.PartialFileError,
                      match=r"train.jsonl.gz is unreadable from line \d+ \(an unknown number of "
                            r"rows lost: the rest of the file\): EOFError.*"
                            r"--config.reward.data.allow_partial=True"):
@@ -465,22 +468,22 @@ def test_editing_a_manual_file_prepares_fresh_data_in_the_same_data_dir(tmp_path
 def test_fingerprint_follows_content_not_mtime(tmp_path):
   write_taskmaster_rewards(tmp_path / "tm", 5)
   (tmp_path / "tm/reward/notes.txt").write_text("not read by the builder")
-  first = preferences.data_fingerprint("taskmaster", tmp_path / "tm")
+  first = loader.data_fingerprint("taskmaster", tmp_path / "tm")
   assert first["dataset"] == "taskmaster" and first["config"] == ""
-  assert first["builder_version"] == str(preferences.Taskmaster.VERSION)
+  assert first["builder_version"] == str(taskmaster.Taskmaster.VERSION)
   path = tmp_path / "tm/reward/reward_00.json"
   data = path.read_bytes()
   assert first["files"] == {"reward/reward_00.json": {
       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
   os.utime(path, (1_000_000, 1_000_000))
   (tmp_path / "tm/reward/notes.txt").write_text("edited, still not read")
-  assert preferences.data_fingerprint("taskmaster", tmp_path / "tm") == first
+  assert loader.data_fingerprint("taskmaster", tmp_path / "tm") == first
   path.write_bytes(data.replace(b"order 1.", b"order 7."))  # same size, other content
-  edited = preferences.data_fingerprint("taskmaster", tmp_path / "tm")
+  edited = loader.data_fingerprint("taskmaster", tmp_path / "tm")
   assert edited["files"]["reward/reward_00.json"]["bytes"] == len(data)
   assert edited["sha256"] != first["sha256"]
-  write_hh(tmp_path / "hh", subsets=preferences._HH_SUBSETS)
-  hh = {config: preferences.data_fingerprint("anthropic_hh", tmp_path / "hh", config)
+  write_hh(tmp_path / "hh", subsets=anthropic_hh.SUBSETS)
+  hh = {config: loader.data_fingerprint("anthropic_hh", tmp_path / "hh", config)
         for config in (None, "all", "helpful-base")}
   assert hh[None] == hh["all"] and hh[None]["config"] == "all"  # None is the default config
   assert len(hh["all"]["files"]) == 8 and list(hh["helpful-base"]["files"]) == [
@@ -491,14 +494,14 @@ def test_check_manual_files_names_the_fix_for_anthropic_hh_all_with_only_harmles
   write_hh(tmp_path / "hh", subsets=("harmless-base",))
   (tmp_path / "hh/README.md").write_text("harmless-base only")
   with pytest.raises(ValueError) as error:
-    preferences.check_manual_files("anthropic_hh", tmp_path / "hh", None)
+    loader.check_manual_files("anthropic_hh", tmp_path / "hh", None)
   message = str(error.value)
   assert "\n" not in message
   assert message == (
       f"anthropic_hh (config 'all'): manual dir {tmp_path}/hh lacks helpful-base/, "
       "helpful-online/, helpful-rejection-sampled/; it holds README.md, harmless-base/; fix: "
       "read the subset present with --config.reward.data.config=harmless-base")
-  preferences.check_manual_files("anthropic_hh", tmp_path / "hh", "harmless-base")  # no error
+  loader.check_manual_files("anthropic_hh", tmp_path / "hh", "harmless-base")  # no error
   with pytest.raises(ValueError, match="lacks helpful-base/"):  # before TFDS prepares anything
     load_preferences("anthropic_hh", "train", tmp_path / "hh", tmp_path / "tfds")
   assert not (tmp_path / "tfds").exists()
@@ -508,11 +511,11 @@ def test_check_manual_files_for_every_builder_is_one_line(tmp_path):
   (tmp_path / "empty").mkdir()
   (tmp_path / "other").mkdir()
   (tmp_path / "other/data.csv").write_text("a,b")
-  for name in preferences.PREFERENCE_DATASETS:
+  for name in loader.PREFERENCE_DATASETS:
     for folder, problem in (("nowhere", "does not exist"), ("empty", "is empty"),
                             ("other", "lacks")):
       with pytest.raises(ValueError) as error:
-        preferences.check_manual_files(name, tmp_path / folder, None)
+        loader.check_manual_files(name, tmp_path / folder, None)
       message = str(error.value)
       assert "\n" not in message and message.startswith(name)
       assert f"manual dir {tmp_path}/{folder} {problem}" in message

@@ -9,8 +9,9 @@ import pytest
 
 from configs.paper import taskmaster as taskmaster_config
 from perl_jax import main
-from perl_jax.data import preferences
-from perl_jax.data.preferences import load_preferences
+from perl_jax.data import reading
+from perl_jax.data import taskmaster as taskmaster_data
+from perl_jax.data.loader import load_preferences
 from perl_jax.tasks import taskmaster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def dialog(conversation_id, *utterances):
 def opening_in(split):
   for i in range(1000):
     text = f"one latte number {i}"
-    if preferences.taskmaster_dialog_split([{"role": "user", "text": text}]) == split:
+    if taskmaster_data.taskmaster_dialog_split([{"role": "user", "text": text}]) == split:
       return text
   raise AssertionError(split)
 
@@ -96,7 +97,7 @@ def test_dialogs_file_cut_part_way_fails_the_task_unless_data_allow_partial(tmp_
   (tmp_path / "tm/data/data_00.json").write_text(text[:cut_at] + "@@ " + text[cut_at:])
   config = taskmaster_config.get_config()
   config.data.manual_dir = str(tmp_path / "tm")
-  with pytest.raises(preferences.PartialFileError,
+  with pytest.raises(reading.PartialFileError,
                      match=r"data/data_00.json is unreadable from line \d+ \(15 rows lost\).*"
                            r"--config.data.allow_partial=True"):
     taskmaster.demonstrations(config, str(tmp_path), "train")

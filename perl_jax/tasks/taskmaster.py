@@ -37,10 +37,10 @@ def _dirs(config, workdir):
 
 def demonstrations(config, workdir, split: str):
   """The `taskmaster_dialogs` split as Preferences (prompts, chosen = the published turn)."""
-  from perl_jax.data import preferences  # TFDS is slow to import; only data readers need it
+  from perl_jax.data import loader  # TFDS is slow to import; only data readers need it
   manual_dir, data_dir = _dirs(config, workdir)
-  demos = preferences.load_preferences("taskmaster_dialogs", split, manual_dir, data_dir,
-                                       allow_partial=config.data.allow_partial)
+  demos = loader.load_preferences("taskmaster_dialogs", split, manual_dir, data_dir,
+                                  allow_partial=config.data.allow_partial)
   if demos.rows_skipped:
     shown = "\n  ".join(demos.skipped[:5])
     print(f"[taskmaster] dialogs/{split}: skipped {demos.rows_skipped} malformed or unreadable "
@@ -108,11 +108,11 @@ def judge(texts, references) -> dict:
 
 def corpus_for_tokenizer(manual_dir: str, data_dir: str, allow_partial: bool = False) -> list[str]:
   """Every distinct rendered turn of the SFT dialogs and of the reward examples' train split."""
-  from perl_jax.data import preferences
+  from perl_jax.data import loader
   lines = set()
   for name, split in (("taskmaster_dialogs", "train"), ("taskmaster", "train")):
-    rows = preferences.load_preferences(name, split, manual_dir, data_dir,
-                                        allow_partial=allow_partial)
+    rows = loader.load_preferences(name, split, manual_dir, data_dir,
+                                   allow_partial=allow_partial)
     for prompt, response in zip(rows.prompts, rows.chosen):
       lines.update(prompt.split("\n"))
       lines.add(response)
