@@ -347,6 +347,13 @@ class ScoreHead(nn.Module):
     return (hidden.astype(jnp.float32) @ kernel.value + bias.value)[..., 0]
 
 
+def embed(cfg: ModelConfig, table, tokens):
+  """Token embeddings in the compute dtype (times sqrt(d_model) where the family scales them)."""
+  dtype = jnp.dtype(cfg.dtype)
+  x = jnp.take(table, tokens, axis=0).astype(dtype)
+  return x * jnp.asarray(cfg.d_model ** 0.5, dtype) if cfg.embed_scale else x
+
+
 class Transformer(nn.Module):
   """Decoder-only LM with LoRA on `lora_targets`.
 
@@ -355,6 +362,16 @@ class Transformer(nn.Module):
   cfg: ModelConfig
   lora: lora_lib.LoRASpec | None = None
   lora_targets: frozenset = frozenset()
+
+  def _active_lora(self) -> lora_lib.LoRASpec | None:
+    """Adapters are on exactly when the caller passes an adapter collection, and it must then
+    fit the targets; with none the model is the bare backbone (the anchor)."""
+    if self.is_initializing():
+      return self.lora
+    if lora_lib.ADAPTER not in self.variables:
+      return None
+    lora_lib.check_adapter_targets(self.variables[lora_lib.ADAPTER], self.lora_targets)
+    return self.lora
 
   @nn.compact
   def __call__(self, tokens, positions, attn_mask, *, cache=None, cache_index=None,
@@ -373,21 +390,10 @@ class Transformer(nn.Module):
       dict with "hidden" [B, T, d], "logits" [B, T, V] f32, "scores" [B, T] f32, "cache".
     """
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
     embedding = self.param("embedder", lambda rng: {"input_embedding": nn.initializers.normal(
         cfg.d_model ** -0.5)(rng, (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))})
-    table = embedding["input_embedding"]
-    x = jnp.take(table, tokens, axis=0).astype(dtype)
-    if cfg.embed_scale:
-      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
-    # Adapters are on exactly when the caller passes an adapter collection, and it must then
-    # fit the targets; with none the model is the bare backbone (the anchor).
-    lora = self.lora
-    if not self.is_initializing():
-      if lora_lib.ADAPTER in self.variables:
-        lora_lib.check_adapter_targets(self.variables[lora_lib.ADAPTER], self.lora_targets)
-      else:
-        lora = None
+    x = embed(cfg, embedding["input_embedding"], tokens)
+    lora = self._active_lora()
     block = ScannedBlock if cfg.scan_layers else Block
     if cfg.remat:  # the last argument (`deterministic`, a Python bool) is static; self is 0
       block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),

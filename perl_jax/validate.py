@@ -169,8 +169,8 @@ def _stages(p: _Problems, config, workdir: str) -> None:
              f"model.checkpoint to a released model, model.backbone to a finished sft run's "
              f"workdir, or 'random'")
     if stage == "prefs":
-      p.need(config.task == "reviews", "task",
-             f"the prefs stage labels pairs with the reviews task's gold judge; task "
+      p.need(config.task in tasks.TASKS and tasks.has_gold_judge(config.task), "task",
+             f"the prefs stage labels pairs with the task's gold judge; task "
              f"{config.task!r} has none: drop 'prefs' and point reward.data at preference data")
     if stage == "rl":
       p.need("reward" in before or os.path.isdir(os.path.join(workdir, "reward", "best")),
@@ -240,10 +240,6 @@ def problems(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     for key in ("num_train", "num_eval"):
       p.number(config.sft, "sft", key, 0, integer=True)
     p.number(config.sft, "sft", "num_samples", 1, integer=True)
-    num_eval, batch = config.sft.num_eval, config.sft.train.batch_size
-    if isinstance(num_eval, int) and isinstance(batch, int) and 0 < num_eval < batch:
-      p.append(f"sft.num_eval: held-out perplexity is computed in batches of "
-               f"sft.train.batch_size ({batch}): use 0 (all) or at least {batch}, got {num_eval}")
   if "prefs" in stages:
     for key in ("num_train_prompts", "num_eval_prompts"):
       p.number(config.prefs, "prefs", key, 1, integer=True)
