@@ -87,7 +87,10 @@ def param_report(trainable: Any, frozen: Any) -> dict:
           "trainable_percent": 100.0 * trained / total}
 
 
-def write_json(path: str, payload: dict) -> None:
+def write_json(path: str, payload: dict | list) -> None:
+  """`payload` as indented JSON with sorted keys (numpy values as lists), written atomically:
+  a reader never sees half a file. The one JSON writer of perl_jax (summaries, checkpoint
+  configs, HF and PEFT exports)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def default(x):

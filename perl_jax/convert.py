@@ -25,6 +25,7 @@ import json
 import os
 import sys
 
+from flax import traverse_util
 import jax
 
 from perl_jax import checkpoint as checkpoint_lib
@@ -70,7 +71,7 @@ def load_adapter(path: str, key: str | None = None, cfg: model_lib.ModelConfig |
     if chosen:
       arrays = checkpoints.restore_orbax_leaves(path, chosen)
       # A run's adapter in the scanned layout (model.scan_layers) -> the per-layer one.
-      return model_lib.unstack_layers(lora_lib.unflatten(arrays)), None
+      return model_lib.unstack_layers(traverse_util.unflatten_dict(arrays, sep="/")), None
   raise ValueError(f"{path} holds no LoRA factors (lora_a / lora_b) under "
                    f"{' or '.join(repr(k or '<root>') for k in keys)}; its arrays look like "
                    f"{', '.join(list(leaves)[:5])}")
@@ -89,16 +90,17 @@ def load_backbone(src: str, preset: str | None, dtype: str | None):
     scanned = any(p.startswith(model_lib.SCANNED + "/") for p in leaves)
     if scanned:  # a run's backbone in the scanned layout (model.scan_layers): unstacked below
       scanned_model = model_lib.build(dataclasses.replace(cfg, scan_layers=True))
-      abstract = lora_lib.flatten(jax.eval_shape(
-          lambda: model_lib.init_variables(scanned_model, jax.random.key(0)))["params"])
+      abstract = traverse_util.flatten_dict(jax.eval_shape(
+          lambda: model_lib.init_variables(scanned_model, jax.random.key(0)))["params"], sep="/")
     expected, found = set(abstract), set(leaves)
     if expected != found:
       raise ValueError(f"{src} does not match preset {preset!r}: missing "
                        f"{sorted(expected - found)[:10]}, "
                        f"unexpected {sorted(found - expected)[:10]}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = lora_lib.unflatten({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
-                                 for p, s in abstract.items()})
+    target = traverse_util.unflatten_dict(
+        {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for p, s in abstract.items()},
+        sep="/")
     return cfg, model_lib.unstack_layers(checkpoint_lib.load_tree(src, target)), None, None
   cfg, params, tokenizer = checkpoints.load_checkpoint(src, dtype=dtype)
   base = None

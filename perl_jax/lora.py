@@ -22,11 +22,11 @@ import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
 ADAPTER = "adapter"  # variable collection holding every trainable role-specific leaf
-BACKBONE = "params"  # variable collection holding the frozen backbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +144,15 @@ def select_targets(projections: dict[str, tuple[tuple[int, ...], tuple[int, ...]
 # ----------------------------------------------------------------------------- adapter trees
 
 
+# perl_jax names a leaf by its "/"-joined path ("layer_0/attn/q/lora_a"), which is
+# traverse_util.flatten_dict(tree, sep="/"); code calls that directly. These two aliases remain
+# for the tests that still use them (tests/test_checkpoints_hf.py, tests/test_rl.py).
 def flatten(tree) -> dict[str, Any]:
-  """A nested dict as {"a/b/c": leaf}."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 HEADS = ("score_head",)  # modules whose leaves sit in the adapter collection beside the LoRA A/B
@@ -189,7 +194,7 @@ def check_adapter_targets(adapter, targets, heads: Sequence[str] = HEADS) -> Non
   adapter collection, so a tree for other targets, another layout or misspelled keys fails
   loudly instead of running (in part) as the bare backbone.
   """
-  flat = flatten(adapter)
+  flat = traverse_util.flatten_dict(adapter, sep="/")
   targets = set(targets)
   missing = sorted(t for t in targets if f"{t}/lora_a" not in flat or f"{t}/lora_b" not in flat)
   extra = sorted(p for p in flat
@@ -217,7 +222,7 @@ def check_adapter_tree(expected, adapter, what: str = "adapter") -> None:
   `expected` is the model's abstract adapter, e.g.
   `roles.abstract_variables(model, score_head)["adapter"]` (arrays or ShapeDtypeStructs).
   """
-  want, got = flatten(expected), flatten(adapter)
+  want, got = (traverse_util.flatten_dict(t, sep="/") for t in (expected, adapter))
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
   shapes = sorted(f"{p} {tuple(got[p].shape)} (expected {tuple(want[p].shape)})"
@@ -259,8 +264,8 @@ def merge_adapters(backbone: dict, adapter: dict, scale: float) -> dict:
   Returns:
     A new `params` tree; apply it without the adapter's LoRA leaves.
   """
-  flat_backbone = flatten(backbone)
-  flat_adapter = flatten(adapter)
+  flat_backbone = traverse_util.flatten_dict(backbone, sep="/")
+  flat_adapter = traverse_util.flatten_dict(adapter, sep="/")
   merged = dict(flat_backbone)
   for path, lora_a in flat_adapter.items():
     if not path.endswith("/lora_a"):
@@ -274,21 +279,4 @@ def merge_adapters(backbone: dict, adapter: dict, scale: float) -> dict:
     delta = _contract(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), 1)
     assert delta.shape == kernel.shape, (prefix, delta.shape, kernel.shape)
     merged[kernel_path] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
-  return unflatten(merged)
-
-
-def without_lora(adapter: dict) -> dict:
-  """The adapter tree minus its LoRA leaves (keeps heads), e.g. after merging."""
-  return unflatten({p: v for p, v in flatten(adapter).items()
-                    if not p.endswith(("/lora_a", "/lora_b"))})
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, name = path.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[name] = leaf
-  return tree
+  return traverse_util.unflatten_dict(merged, sep="/")

@@ -95,13 +95,6 @@ PARAM_RULES = (
 LOGICAL_TO_MESH = {"embed": "fsdp", "vocab": "tensor", "heads": "tensor", "mlp": "tensor"}
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
-
-
 def spec_for(path: str, shape: tuple, mesh: Mesh, rules=PARAM_RULES,
              logical_to_mesh=LOGICAL_TO_MESH) -> P:
   """PartitionSpec of one leaf; a dimension the mesh axis does not divide stays unsharded.
@@ -133,7 +126,11 @@ def spec_for(path: str, shape: tuple, mesh: Mesh, rules=PARAM_RULES,
 
 
 def tree_shardings(tree, mesh: Mesh):
-  """NamedSharding for every leaf of a params / train-state tree, by PARAM_RULES."""
+  """NamedSharding for every leaf of a params / train-state tree, by PARAM_RULES.
+
+  A leaf's path is its keys joined by "/" (dict keys, optimizer-state field names and tuple
+  indices alike: "opt_state/1/0/mu/adapter/layer_0/attn/q/lora_a"), the form the rules match."""
+  path_of = lambda keys: jax.tree_util.keystr(keys, simple=True, separator="/")
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: NamedSharding(mesh, spec_for(_path_str(path), tuple(leaf.shape), mesh)),
+      lambda keys, leaf: NamedSharding(mesh, spec_for(path_of(keys), tuple(leaf.shape), mesh)),
       tree)

@@ -22,11 +22,12 @@ import json
 import os
 import shutil
 
+from flax import traverse_util
 import jax
 import numpy as np
 
 from perl_jax import checkpoint as checkpoint_lib
-from perl_jax import lora as lora_lib
+from perl_jax import common
 from perl_jax import model as model_lib
 from perl_jax import sharding as sharding_lib
 from perl_jax import tokenizer as tokenizer_lib
@@ -122,12 +123,12 @@ def save_converted(directory: str, cfg: model_lib.ModelConfig, params: dict,
   checkpoint_lib.save_tree(os.path.join(directory, BACKBONE), params)
   if jax.process_index() != 0:
     return
-  _write_json(os.path.join(directory, MODEL_CONFIG), config_to_json(cfg))
+  common.write_json(os.path.join(directory, MODEL_CONFIG), config_to_json(cfg))
   if hf_config is not None:
-    _write_json(os.path.join(directory, HF_CONFIG), hf_config)
+    common.write_json(os.path.join(directory, HF_CONFIG), hf_config)
   if tokenizer is not None:
     shutil.copyfile(tokenizer.path, os.path.join(directory, TOKENIZER))
-    _write_json(os.path.join(directory, SPECIAL_TOKENS), {
+    common.write_json(os.path.join(directory, SPECIAL_TOKENS), {
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id})
 
 
@@ -149,8 +150,9 @@ def load_converted(directory: str, mesh=None, dtype: str | None = None
   abstract = hf.abstract_params(cfg)
   shardings = {p: jax.sharding.NamedSharding(mesh, sharding_lib.spec_for(p, s.shape, mesh))
                for p, s in abstract.items()}
-  target = lora_lib.unflatten({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
-                               for p, s in abstract.items()})
+  target = traverse_util.unflatten_dict(
+      {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
+       for p, s in abstract.items()}, sep="/")
   params = checkpoint_lib.load_tree(os.path.join(directory, BACKBONE), target)
   return cfg, params, describe(directory)[1]
 
@@ -203,8 +205,3 @@ def restore_orbax_leaves(path: str, wanted: dict[str, tuple]) -> dict[str, np.nd
       node = node[k]
     out[name] = np.asarray(node)
   return out
-
-
-def _write_json(path: str, payload: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)

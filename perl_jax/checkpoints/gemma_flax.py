@@ -24,11 +24,11 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import checkpoints
 from perl_jax import tokenizer as tokenizer_lib
@@ -168,13 +168,14 @@ def load(path: str, mesh=None, dtype: str = "float32", preset: str | None = None
     if os.path.exists(candidate):
       tokenizer = tokenizer_lib.Tokenizer(candidate)
       break
-  return cfg, lora_lib.unflatten(flat), tokenizer
+  return cfg, traverse_util.unflatten_dict(flat, sep="/"), tokenizer
 
 
 def save(path: str, cfg: model_lib.ModelConfig, params: dict) -> None:
   """Writes `params` in the released layout (flat "transformer/..." keys); used by tests."""
   import orbax.checkpoint as ocp
-  flat = {p: np.asarray(jax.device_get(v)) for p, v in lora_lib.flatten(params).items()}
+  flat = {p: np.asarray(jax.device_get(v))
+          for p, v in traverse_util.flatten_dict(params, sep="/").items()}
   tree = {"transformer/embedder": {"input_embedding": flat["embedder/input_embedding"]},
           "transformer/final_norm": {"scale": flat["final_norm/scale"]}}
   heads_last = lambda w: np.moveaxis(w, 1, 0)  # (D, N, H) -> (N, D, H)

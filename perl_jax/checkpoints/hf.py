@@ -27,14 +27,15 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from perl_jax import lora as lora_lib
+from perl_jax import common
 from perl_jax import model as model_lib
 from perl_jax import sharding as sharding_lib
 from perl_jax import tokenizer as tokenizer_lib
@@ -316,7 +317,7 @@ def abstract_params(cfg: model_lib.ModelConfig) -> dict:
   """{path: ShapeDtypeStruct} of the backbone of `cfg` (nothing is allocated)."""
   shapes = jax.eval_shape(
       lambda: model_lib.init_variables(model_lib.build(cfg), jax.random.key(0)))["params"]
-  return lora_lib.flatten(shapes)
+  return traverse_util.flatten_dict(shapes, sep="/")
 
 
 def default_mesh():
@@ -369,7 +370,7 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
     flat[path] = put(to_perl(path, array, want.shape), path, want.dtype, mesh)
     del array
     progress.update(len(flat))
-  return lora_lib.unflatten(flat)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def put(host: np.ndarray, path: str, dtype, mesh) -> jax.Array:
@@ -501,7 +502,7 @@ def save(directory: str, cfg: model_lib.ModelConfig, params: dict, *,
   """
   from safetensors.numpy import save_file
   names = tensor_names(cfg)
-  flat = lora_lib.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   check_names({p: "params" for p in flat}, names.values(), "params tree")
   dtype = jnp.dtype(dtype or jax.tree.leaves(params)[0].dtype).name
   special = None
@@ -546,10 +547,10 @@ def save(directory: str, cfg: model_lib.ModelConfig, params: dict, *,
       os.replace(os.path.join(directory, old), os.path.join(directory, new))
     index = {"metadata": {"total_size": total},
              "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    _write_json(os.path.join(directory, "model.safetensors.index.json"), index)
-  _write_json(os.path.join(directory, "config.json"), hf_config)
+    common.write_json(os.path.join(directory, "model.safetensors.index.json"), index)
+  common.write_json(os.path.join(directory, "config.json"), hf_config)
   if special:
-    _write_json(os.path.join(directory, "generation_config.json"), special)
+    common.write_json(os.path.join(directory, "generation_config.json"), special)
   if tokenizer is not None:
     _save_tokenizer(directory, tokenizer, hf_config["model_type"])
 
@@ -560,14 +561,9 @@ def _save_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, model_ty
   if os.path.abspath(tokenizer.path) != os.path.abspath(target):
     shutil.copyfile(tokenizer.path, target)
   sp = tokenizer.sp
-  _write_json(os.path.join(directory, "tokenizer_config.json"), {
+  common.write_json(os.path.join(directory, "tokenizer_config.json"), {
       "tokenizer_class": "LlamaTokenizer" if model_type == "llama" else "GemmaTokenizer",
       "add_bos_token": True, "add_eos_token": False,
       "bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),
       "pad_token": sp.id_to_piece(tokenizer.pad_id), "unk_token": sp.id_to_piece(sp.unk_id()),
   })
-
-
-def _write_json(path: str, payload: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)

@@ -17,11 +17,12 @@ import json
 import math
 import os
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl_jax import lora as lora_lib
+from perl_jax import common
 from perl_jax import model as model_lib
 from perl_jax.checkpoints import hf
 
@@ -32,7 +33,7 @@ CONFIG = "adapter_config.json"
 
 def lora_projections(adapter: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """projection path ("layer_0/attn/q") -> (lora_a, lora_b) of an adapter collection."""
-  flat = lora_lib.flatten(adapter)
+  flat = traverse_util.flatten_dict(adapter, sep="/")
   out = {}
   for path, lora_a in flat.items():
     if path.endswith("/lora_a"):
@@ -83,8 +84,7 @@ def save(directory: str, adapter: dict, alpha: float, base_model: str = "",
   }
   os.makedirs(directory, exist_ok=True)
   save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-  with open(os.path.join(directory, CONFIG), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  common.write_json(os.path.join(directory, CONFIG), config)
   return config
 
 
@@ -125,7 +125,7 @@ def load(directory: str, cfg: model_lib.ModelConfig, dtype: str = "float32"
   for path in {p.rsplit("/", 1)[0] for p in flat}:
     if f"{path}/lora_a" not in flat or f"{path}/lora_b" not in flat:
       raise ValueError(f"{file}: {hf.hf_module(path)} has only one of lora_A / lora_B")
-  return lora_lib.unflatten(flat), rank, float(config["lora_alpha"])
+  return traverse_util.unflatten_dict(flat, sep="/"), rank, float(config["lora_alpha"])
 
 
 def target_patterns(adapter: dict) -> tuple[str, ...]:
