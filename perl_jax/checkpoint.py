@@ -1,7 +1,11 @@
-"""orbax checkpoints of the training state: what is trained, never the frozen backbone.
+"""orbax checkpoints: the resumable training state, and single finished trees.
 
-Each checkpoint holds `state` (step, trainable leaves, optimizer state) and `meta` (JSON: the data
-position, the base model's identity, anything else a stage wants to find again).
+`Checkpointer` keeps the training state of a running stage: each checkpoint holds `state` (step,
+trainable leaves, optimizer state; frozen leaves are never saved there) and `meta` (JSON: the
+data position, the base model's identity, anything else a stage wants to find again).
+
+`save_tree` / `load_tree` write and read one pytree: a finished stage's result (the reward
+stage's best adapter, the SFT stage's fine-tuned backbone) or a converted checkpoint's backbone.
 """
 from __future__ import annotations
 
@@ -69,15 +73,6 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
-
-
-def load_state(directory: str, abstract_state: Any) -> tuple[Any, dict]:
-  """The latest state saved in `directory` (e.g. a finished stage's workdir)."""
-  ckpt = Checkpointer(directory)
-  try:
-    return ckpt.restore(abstract_state)
-  finally:
-    ckpt.close()
 
 
 def save_tree(path: str, tree: Any) -> None:

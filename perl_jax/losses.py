@@ -72,13 +72,12 @@ def masked_mean(x, mask, axis=None):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
-def whiten(x, mask=None, shift_mean: bool = True):
+def whiten(x, mask=None):
   """Zero mean, unit variance over the (masked) entries."""
   mask = jnp.ones_like(x) if mask is None else mask.astype(jnp.float32)
   mean = masked_mean(x, mask)
   var = masked_mean((x - mean) ** 2, mask)
-  out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
-  return out if shift_mean else out + mean
+  return (x - mean) * jax.lax.rsqrt(var + 1e-8)
 
 
 # ----------------------------------------------------------------------------- policy gradients

@@ -1,4 +1,7 @@
-"""Sentencepiece tokenizers: loading, training, and batch encoding with explicit masks.
+"""Sentencepiece tokenizers: loading, training, and encoding / decoding one text.
+
+Batches (BOS/EOS, truncation, padding and the masks that keep padding out of the model) are built
+from these ids by data/batching.py and roles.encode_prompts.
 
 Special ids follow Gemma: pad 0, eos 1, bos 2, unk 3.
 """
