@@ -132,34 +132,16 @@ def build_hf_causal_lm(seed: int = 0):
 
 def hf_to_perl_params(hf_model, cfg) -> dict:
   """perl_jax `params` collection from a HF Gemma model (CausalLM, SequenceClassification or
-  the bare GemmaModel): nn.Linear weights are (out, in), perl_jax kernels (in, out...)."""
-  import jax
-  import jax.numpy as jnp
-  state = {k: v.detach().cpu().float().numpy() for k, v in hf_model.state_dict().items()}
-  prefix = "model." if "model.embed_tokens.weight" in state else ""
-  get = lambda name: state[prefix + name]
-  d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  params = {"embedder": {"input_embedding": get("embed_tokens.weight")},
-            "final_norm": {"scale": get("norm.weight")}}
-  for i in range(cfg.num_layers):
-    pre = f"layers.{i}."
-    params[f"layer_{i}"] = {
-        "pre_attention_norm": {"scale": get(pre + "input_layernorm.weight")},
-        # Gemma 1 has no post-attention norm: HF's "post_attention_layernorm" is the pre-MLP norm.
-        "pre_ffw_norm": {"scale": get(pre + "post_attention_layernorm.weight")},
-        "attn": {
-            "q": {"kernel": get(pre + "self_attn.q_proj.weight").T.reshape(d, h, hd)},
-            "k": {"kernel": get(pre + "self_attn.k_proj.weight").T.reshape(d, kv, hd)},
-            "v": {"kernel": get(pre + "self_attn.v_proj.weight").T.reshape(d, kv, hd)},
-            "o": {"kernel": get(pre + "self_attn.o_proj.weight").T.reshape(h, hd, d)},
-        },
-        "mlp": {
-            "gate": {"kernel": get(pre + "mlp.gate_proj.weight").T},
-            "up": {"kernel": get(pre + "mlp.up_proj.weight").T},
-            "down": {"kernel": get(pre + "mlp.down_proj.weight").T},
-        },
-    }
-  return jax.tree.map(lambda x: jnp.asarray(np.ascontiguousarray(x)), params)
+  the bare GemmaModel), by the checkpoint loader's own mapping (perl_jax.checkpoints.hf)."""
+  from perl_jax.checkpoints import hf as hf_ckpt
+  state = hf_model.state_dict()
+  prefix = "" if "model.embed_tokens.weight" in state else "model."  # the bare GemmaModel
+  state = {prefix + name: tensor for name, tensor in state.items()}
+  # HF name -> perl_jax path of every backbone tensor (not "score.weight", nor a tied lm_head).
+  names = hf_ckpt.tensor_names(cfg)
+  read = lambda name: state[name].detach().cpu().float().numpy()
+  return hf_ckpt.place_tensors(cfg, names, {name: "hf_model" for name in names}, read,
+                               source="hf_model")
 
 
 def with_backbone(variables: dict, params: dict) -> dict:
@@ -344,12 +326,11 @@ def paired_callback(peer: Series, perl: Series, perl_step: Callable[[int], tuple
 
 
 def perl_optim(lr: float):
-  """perl_jax's optimizer settings matching transformers' defaults as the peers run them:
-  AdamW(b1 0.9, b2 0.999, no weight decay), constant lr from step 0, clip to global norm 1."""
-  import ml_collections
-  return ml_collections.ConfigDict(dict(lr=lr, full_lr=0.0, schedule="constant", warmup_steps=0,
-                                        final_lr_fraction=1.0, weight_decay=0.0, b1=0.9,
-                                        b2=0.999, clip_norm=1.0))
+  """perl_jax's optimizer settings matching transformers' defaults as the peers run them
+  (`memory.constant_adamw`): AdamW(b1 0.9, b2 0.999, no weight decay), constant lr from step 0,
+  clip to global norm 1."""
+  from perl_jax import memory
+  return memory.constant_adamw(lr)
 
 
 def trainer_args(config_cls, out_dir: str, **overrides):

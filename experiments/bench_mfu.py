@@ -53,10 +53,10 @@ def measure(preset: str, rank: int, pairs: int, seq_len: int, dtype: str, remat:
   """One variant: median step seconds, XLA's FLOPs per step, and the compiled step's memory."""
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
 
   from perl_jax import lora as lora_lib
+  from perl_jax import memory as memory_lib
   from perl_jax import model as model_lib
   from perl_jax import reward as reward_lib
   from perl_jax import train as train_lib
@@ -66,9 +66,7 @@ def measure(preset: str, rank: int, pairs: int, seq_len: int, dtype: str, remat:
   variables = jax.jit(lambda: model_lib.init_variables(model, jax.random.key(0),
                                                        score_head=True))()
   trainable, frozen = lora_lib.split_variables(variables, rank == 0)
-  optimizer = train_lib.make_optimizer(ml_collections.ConfigDict(dict(
-      lr=1e-5, schedule="constant", warmup_steps=0, final_lr_fraction=1.0, weight_decay=0.0,
-      b1=0.9, b2=0.999, clip_norm=1.0)), 1000)
+  optimizer = train_lib.make_optimizer(memory_lib.constant_adamw(1e-5), 1000)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": jax.jit(optimizer.init)(trainable)}
   rng = np.random.default_rng(0)

@@ -94,11 +94,17 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
   return out
 
 
+def constant_adamw(lr: float) -> ml_collections.ConfigDict:
+  """Optimizer settings (config.<stage>.optim's fields) of the measurements and benchmarks:
+  AdamW(b1 0.9, b2 0.999, no weight decay) at a constant `lr` from step 0, clipped to global
+  norm 1 (transformers' defaults, as the peer benchmarks run them)."""
+  return ml_collections.ConfigDict(dict(lr=lr, full_lr=0.0, schedule="constant", warmup_steps=0,
+                                        final_lr_fraction=1.0, weight_decay=0.0, b1=0.9,
+                                        b2=0.999, clip_norm=1.0))
+
+
 def _optimizer():
-  cfg = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", warmup_steps=0,
-                                       final_lr_fraction=1.0, weight_decay=0.0, b1=0.9, b2=0.999,
-                                       clip_norm=1.0))
-  return train_lib.make_optimizer(cfg, 1000)
+  return train_lib.make_optimizer(constant_adamw(1e-4), 1000)
 
 
 def _state(trainable, optimizer):
