@@ -3,6 +3,7 @@
 The parity tests (logits equal to transformers' and PEFT's) need torch, transformers and peft and
 are skipped without them; everything else needs only safetensors.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -335,8 +336,9 @@ def test_gemma_flax_layout(preset, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- transformers parity
 
 
-def _hf_model(arch: str, directory: str):
-  """A random tiny transformers model in float32 with eager attention, saved to `directory`."""
+def _hf_model(arch: str, directory: str, qk_scale: float = 1.0, **config_overrides):
+  """A random tiny transformers model in float32 with eager attention, saved to `directory`;
+  its q/k projections scaled by `qk_scale` (attention logits by qk_scale^2)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -356,12 +358,17 @@ def _hf_model(arch: str, directory: str):
       "llama": lambda: transformers.LlamaConfig(
           **common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
   }
+  config = configs[arch]()
+  for key, value in config_overrides.items():
+    setattr(config, key, value)
   torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(configs[arch](), dtype=torch.float32,
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
   with torch.no_grad():
-    for p in model.parameters():  # zero-init norms would hide a wrong (1 + w) convention
+    for name, p in model.named_parameters():  # zero-init norms would hide a wrong (1 + w)
       p.normal_(0.0, 0.2)
+      if name.endswith(("q_proj.weight", "k_proj.weight")):
+        p.mul_(qk_scale)
   model.save_pretrained(directory)
   return model
 
@@ -423,3 +430,23 @@ def test_transformers_parity_with_peft_and_merged_exports(arch, tmp_path):
       merged_dir, attn_implementation="eager").float().eval()
   np.testing.assert_allclose(adapted[mask], _torch_logits(merged, tokens, mask, positions)[mask],
                              atol=ATOL, rtol=0)
+
+
+def test_transformers_parity_with_attention_logits_past_the_softcap(tmp_path):
+  """Gemma 2's real attention soft-cap (50), the reference's q/k projections scaled 5x
+  (attention logits 25x): the largest |attention logit| per layer is 83, 116 and 173 (measured
+  once by recording the soft-cap's input), so tanh(x / 50) * 50 bends them hard. Parity holds
+  only if we cap as transformers does; the same model without the cap is checked to miss."""
+  hf_dir = str(tmp_path / "hf")
+  reference = _hf_model("gemma2", hf_dir, qk_scale=5.0, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0)
+  tokens, mask, positions = _batch()
+  cfg, params, _ = checkpoints.load_checkpoint(hf_dir)
+  assert cfg.attn_logit_softcap == 50.0
+  theirs = _torch_logits(reference, tokens, mask, positions)
+  ours = _our_logits(model_lib.build(cfg), {"params": params}, tokens, mask, positions)
+  np.testing.assert_allclose(ours[mask], theirs[mask], atol=ATOL, rtol=0)
+  # Without the attention soft-cap the same weights give other logits: the cap is exercised.
+  uncapped = _our_logits(model_lib.build(dataclasses.replace(cfg, attn_logit_softcap=None)),
+                         {"params": params}, tokens, mask, positions)
+  assert np.abs(uncapped - theirs)[mask].max() > 100 * ATOL
