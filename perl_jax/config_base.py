@@ -190,7 +190,9 @@ def base_config() -> ml_collections.ConfigDict:
       sft_adapter="",
       missing_eos_penalty=1.0,  # subtracted from the reward of completions without EOS
       whiten_rewards=False,  # standardise reward-model scores over each batch
-      whiten_advantages=True,  # standardise advantages over each batch
+      # Standardise advantages over each batch (reinforce, ppo); RLOO's leave-one-out
+      # advantages are used as they are.
+      whiten_advantages=True,
       value_coef=0.5,  # weight of the value loss (reinforce, ppo)
       ppo_clip=0.2,  # PPO ratio clip
       value_clip=0.2,  # PPO value clip

@@ -32,8 +32,10 @@ LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 def make_optimizer(cfg: ml_collections.ConfigDict,
                    total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warm-up, then cosine decay (or constant), and global-norm clipping."""
-  if cfg.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
+  if cfg.schedule == "cosine" and cfg.warmup_steps == 0:  # optax's warm-up needs >= 1 step
+    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1), alpha=cfg.final_lr_fraction)
+  elif cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
                                             max(total_steps, cfg.warmup_steps + 1),
                                             end_value=cfg.lr * cfg.final_lr_fraction)
   elif cfg.schedule == "constant":

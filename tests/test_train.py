@@ -165,9 +165,6 @@ def test_constant_schedule_values():
   np.testing.assert_allclose(rates, [0.5] * 3, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="make_optimizer: cosine with warmup_steps=0 still warms "
-                   "up over one step (max(warmup_steps, 1)), so the first update has lr 0 and is "
-                   "lost; the constant schedule starts at the peak")
 def test_cosine_schedule_without_warmup_starts_at_the_peak():
   rates = _learning_rates(_schedule_cfg("cosine", 0), 10, 2)
   assert rates[0] == pytest.approx(0.5, rel=1e-5)  # lr(0) = 0.05 + 0.45 * (1 + cos 0) / 2
