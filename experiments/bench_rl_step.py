@@ -12,8 +12,9 @@ completion), RLOO's leave-one-out baseline, KL coefficient 0.05 in the reward, o
 
 perl_jax: the step `rl.train_policy` runs, built from the same pieces: `sampling.sample` (jitted
 KV-cache rollout), `rl.make_scorer` (reward, policy and anchor log-probs in one jitted pass),
-`rl.shape_returns` + `rl.advantages_for` (RLOO), then `train.make_train_step(rl.rl_loss_fn)` jitted
-by `train.sharded_train_step`. Split: rollout / scoring / update.
+`rl.make_update_batch` (returns and RLOO advantages), then
+`train.make_train_step(rl.rl_loss_fn)` jitted by `train.sharded_train_step`. Split: rollout /
+scoring / update.
 TRL: `RLOOTrainer(model=GemmaForCausalLM, reward_funcs=[callable], peft_config=LoraConfig(
 "CAUSAL_LM"))` on a dataset of text prompts whose words are token ids (bench_common.id_tokenizer,
 so both sides sample after the same token ids), `generation_kwargs={"min_new_tokens": 32}` so
@@ -111,7 +112,7 @@ def main(argv):
 
   score = rl.make_scorer(model, reward_fn, rcfg, prompt_len, with_value=False,
                          eos_id=sample_cfg.eos_id)
-  shape = jax.jit(lambda scored, cmask: rl.shape_returns(scored, cmask, rcfg))
+  update_batch = rl.make_update_batch(rcfg, with_value=False)
   optimizer = train_lib.make_optimizer(bc.perl_optim(_LR.value), steps)
   mesh = sharding_lib.make_mesh()
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
@@ -135,14 +136,7 @@ def main(argv):
     jax.block_until_ready(rollout)
     t1 = time.perf_counter()
     scored = score(trainable, frozen, None, rollout)
-    cmask = rollout["completion_mask"].astype(jnp.float32)
-    returns, token_rewards = shape(scored, cmask)
-    extra = rl.advantages_for(scored, returns, token_rewards, cmask, rcfg)
-    keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length")
-    batch = {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
-             "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
-             **{name: scored[name] for name in keep}}
-    batch = jax.device_get(batch)
+    batch = jax.block_until_ready(update_batch(rollout, scored))  # on device, as rl.py keeps it
     t2 = time.perf_counter()
     holder["state"], metrics = step_fn(holder["state"], frozen, sharding_lib.put_batch(batch, mesh),
                                        jax.random.fold_in(jax.random.key(_SEED.value), i))

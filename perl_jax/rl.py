@@ -225,6 +225,24 @@ def validate(rl_cfg):
     raise ValueError(f"rl.kl_coef (beta) must be in [0, 1), got {rl_cfg.kl_coef}")
 
 
+def make_update_batch(rl_cfg, with_value: bool):
+  """jit of (rollout, scored) -> the update's batch: the rollout, its scores, returns and
+  advantages, all on device (no host round trip between scoring and the update)."""
+  keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length") + (
+      ("values",) if with_value else ())
+
+  @jax.jit
+  def update_batch(rollout, scored):
+    cmask = rollout["completion_mask"].astype(jnp.float32)
+    returns, token_rewards = shape_returns(scored, cmask, rl_cfg)
+    extra = advantages_for(scored, returns, token_rewards, cmask, rl_cfg)
+    return {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
+            "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
+            **{k: scored[k] for k in keep}}
+
+  return update_batch
+
+
 def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, frozen, reward_fn,
                  reward_variables, prompt_arrays, sample_cfg, eval_fn=None) -> dict:
   """The RL loop: rollouts from the current policy, scoring, then `rl.algorithm`'s update.
@@ -237,18 +255,7 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
   prompt_len = prompt_arrays["tokens"].shape[1]
   with_value = rl_cfg.algorithm in ("reinforce", "ppo")
   score = make_scorer(model, reward_fn, rl_cfg, prompt_len, with_value, sample_cfg.eos_id)
-  keep = ("rm_scores", "policy_logprobs", "anchor_logprobs", "kl", "length") + (
-      ("values",) if with_value else ())
-
-  @jax.jit
-  def update_batch(rollout, scored):
-    """The update's batch: the rollout, its scores, returns and advantages (all on device)."""
-    cmask = rollout["completion_mask"].astype(jnp.float32)
-    returns, token_rewards = shape_returns(scored, cmask, rl_cfg)
-    extra = advantages_for(scored, returns, token_rewards, cmask, rl_cfg)
-    return {"tokens": rollout["tokens"], "input_mask": rollout["input_mask"],
-            "completion_mask": rollout["completion_mask"], "returns": returns, **extra,
-            **{k: scored[k] for k in keep}}
+  update_batch = make_update_batch(rl_cfg, with_value)
 
   timings = {"rollout": [], "scoring": []}
   rollout_key = jax.random.key(config.seed + 21)
