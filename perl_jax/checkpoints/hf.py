@@ -537,22 +537,28 @@ def save(directory: str, cfg: model_lib.ModelConfig, params: dict, *,
   flush()
   if not write:
     return
-  if len(shard_files) == 1:  # one file: the plain transformers name, no index
-    os.replace(os.path.join(directory, shard_files[0]),
-               os.path.join(directory, "model.safetensors"))
-  else:
-    n = len(shard_files)
-    final = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(shard_files)}
-    for old, new in final.items():
-      os.replace(os.path.join(directory, old), os.path.join(directory, new))
-    index = {"metadata": {"total_size": total},
-             "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    common.write_json(os.path.join(directory, "model.safetensors.index.json"), index)
+  _name_shards(directory, shard_files, weight_map, total)
   common.write_json(os.path.join(directory, "config.json"), hf_config)
   if special:
     common.write_json(os.path.join(directory, "generation_config.json"), special)
   if tokenizer is not None:
     _save_tokenizer(directory, tokenizer, hf_config["model_type"])
+
+
+def _name_shards(directory: str, shard_files: list[str], weight_map: dict, total: int) -> None:
+  """Renames the written shards as transformers names them (one file: model.safetensors, no
+  index; several: model-0000i-of-0000n.safetensors and the index)."""
+  if len(shard_files) == 1:
+    os.replace(os.path.join(directory, shard_files[0]),
+               os.path.join(directory, "model.safetensors"))
+    return
+  n = len(shard_files)
+  final = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(shard_files)}
+  for old, new in final.items():
+    os.replace(os.path.join(directory, old), os.path.join(directory, new))
+  index = {"metadata": {"total_size": total},
+           "weight_map": {k: final[v] for k, v in weight_map.items()}}
+  common.write_json(os.path.join(directory, "model.safetensors.index.json"), index)
 
 
 def _save_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, model_type: str) -> None:
