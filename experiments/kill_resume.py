@@ -7,8 +7,8 @@ stage in --stages, copies the finished earlier stages into a fresh workdir and r
 as `python -m perl_jax.main`, killing it with SIGKILL --kills times at random steps (sorted;
 each kill up to 1.5 s after that step's log line, so in a step, an evaluation or a checkpoint
 write; step 0: 2-8 s after start, in start-up or compilation), each run resuming the last; and finally lets it finish. It then compares with the
-uninterrupted run: the stage's results (result.json), its metrics.jsonl lines and its TensorBoard
-scalars, which must be equal (bit-exact where resume is; --atol sets the tolerance) with no
+uninterrupted run: the stage's results (result.json), its metrics.jsonl lines, its TensorBoard
+scalars and rl's curve.json, which must be equal (bit-exact where resume is; --atol sets the tolerance) with no
 duplicate steps. Prints one line per kill and a verdict per stage; exits 1 on any difference.
 """
 from __future__ import annotations
@@ -131,6 +131,10 @@ def compare(reference: str, resumed: str, stage: str, atol: float) -> list[str]:
     if key not in a or key not in b or not (abs(a[key] - b[key]) <= atol or (
         math.isnan(a[key]) and math.isnan(b[key]))):
       problems.append(f"result {key}: {a.get(key)} vs {b.get(key)}")
+  curve = os.path.join(stage, "curve.json")  # rl's reward/KL curve, drawn by the report
+  if os.path.exists(os.path.join(reference, curve)) and json.load(
+      open(os.path.join(reference, curve))) != json.load(open(os.path.join(resumed, curve))):
+    problems.append("curve.json differs")
   ref_lines, new_lines = _stage_lines(reference, stage), _stage_lines(resumed, stage)
   steps = [r["step"] for r in new_lines]
   if len(steps) != len(set(tuple(sorted(r)) + (r["step"],) for r in new_lines)):

@@ -38,8 +38,10 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores onto the shapes, dtypes and shardings of `abstract_state`.
 
-    Without `step`, the latest readable checkpoint: one that fails to restore (cut by a kill or
-    a full disk) is moved to DIRECTORY.corrupt/ with a warning and the previous one is tried.
+    Without `step`, the latest readable checkpoint: when the latest fails to restore (cut by a
+    kill or a full disk) and an older one restores, the newer ones are moved to
+    DIRECTORY.corrupt/ with a warning. When none restores (e.g. another LoRA rank), nothing is
+    moved and the error says so.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
@@ -50,24 +52,34 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failures = []
     for candidate in steps:
       try:
         restored = self.manager.restore(candidate, args=args)
-        return restored["state"], restored["meta"]
       except Exception as e:  # orbax raises many kinds for a damaged step
+        failures.append((candidate, e))
+        continue
+      # An older step restores, so the newer ones are damaged (not the wrong shape for this run):
+      # set them aside, so that the run goes on from here and overwrites nothing it needs.
+      for step, e in failures:
         reason = " ".join(str(e).split())[:200]
-        moved = self._set_aside(candidate)
-        print(f"WARNING: checkpoint step {candidate} in {self.directory} cannot be read "
-              f"({type(e).__name__}: {reason}); moved to {moved}, trying the previous one",
-              flush=True)
-    raise errors.WorkdirMismatch(f"no readable checkpoint in {self.directory} (steps {steps} "
-                                 f"were damaged and moved to {self.directory}.corrupt)")
+        moved = self._set_aside(step)
+        print(f"WARNING: checkpoint step {step} in {self.directory} cannot be read "
+              f"({type(e).__name__}: {reason}); moved to {moved}, resuming from step "
+              f"{candidate}", flush=True)
+      return restored["state"], restored["meta"]
+    reason = " ".join(str(failures[0][1]).split())[:300]
+    raise errors.WorkdirMismatch(
+        f"no checkpoint in {self.directory} restores onto this run's state (steps {steps}; "
+        f"latest: {type(failures[0][1]).__name__}: {reason}): a different model, LoRA or "
+        f"algorithm setting, or damaged files; nothing was moved. Use a new --workdir")
 
   def _set_aside(self, step: int) -> str:
     source = os.path.join(self.directory, str(step))
     target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(source, target)
+    if jax.process_index() == 0:  # one process moves it (the directory may be shared)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(source, target)
     self.manager.reload()
     return target
 

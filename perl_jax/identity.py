@@ -22,15 +22,18 @@ from perl_jax import errors
 
 # Config sections (or fields) each stage's result depends on.
 FIELDS = {
-    "sft": ("seed", "task", "model", "tokenizer", "data.max_len", "data.manual_dir", "sft"),
-    "prefs": ("seed", "task", "model", "tokenizer", "data.max_len", "data.prompt_len", "sampling",
-              "prefs"),
+    "sft": ("seed", "task", "model", "tokenizer", "data.max_len", "data.prompt_len",
+            "data.manual_dir", "sampling", "sft"),
+    "prefs": ("seed", "task", "model", "tokenizer", "data.max_len", "data.prompt_len",
+              "sampling.max_new_tokens", "sampling.top_k", "sampling.top_p", "prefs"),
     "reward": ("seed", "task", "model", "tokenizer", "data.max_len", "lora", "reward"),
-    "rl": ("seed", "task", "model", "tokenizer", "data", "sampling", "lora", "rl"),
+    "rl": ("seed", "task", "model", "tokenizer", "data", "sampling.max_new_tokens",
+           "sampling.top_k", "sampling.top_p", "lora", "rl"),
 }
 # Fields whose change never changes what is trained: cadence, memory layout of the computation,
-# evaluation batching. Changing them needs no override.
-SAFE = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+# evaluation batching. Changing them needs no override. (eval_every is not one: the reward
+# stage's best model is chosen at the evaluations.)
+SAFE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.stop_if_stuck", "model.remat", "model.remat_policy",
         "model.logprob_chunk_tokens", "model.attention_chunk", "reward.eval_batch_size",
         "data.allow_partial", "reward.data.allow_partial", "reward.data.data_dir")
@@ -121,8 +124,12 @@ def _data(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     rd = config.reward.data
     manual_dir = rd.manual_dir or os.path.join(workdir, "prefs")
     out["reward"] = loader.data_fingerprint(rd.name, manual_dir, rd.config or None)
-  if stage == "rl":
-    out["reward_model"] = (read(os.path.join(workdir, "reward")) or {}).get("sha256", "missing")
+  if stage == "rl":  # the reward stage's identity and the best model it kept
+    reward_dir = os.path.join(workdir, "reward")
+    best = os.path.join(reward_dir, "best.json")
+    out["reward_model"] = {"identity": (read(reward_dir) or {}).get("sha256", "missing"),
+                           "best": file_fingerprint(best)["sha256"] if os.path.exists(best)
+                           else "missing"}
   return out
 
 
@@ -172,6 +179,8 @@ def _describe(old, new) -> str:
   if isinstance(old, dict) and isinstance(new, dict) and "files" in old and "files" in new:
     changed = [name for name in sorted(set(old["files"]) | set(new["files"]))
                if old["files"].get(name) != new["files"].get(name)]
+    if not changed:
+      return "the builder version or config changed"
     return "files changed: " + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
   short = lambda x: (x.get("sha256", "")[:12] or json.dumps(x)[:60]) if isinstance(x, dict) \
       else str(x)[:60]
@@ -190,6 +199,12 @@ def check(stage_dir: str, identity: dict, allow_change: bool) -> str:
     _write(stage_dir, identity, accepted=[], note=None)
     return "new"
   unsafe, safe = differences(old, identity)
+  inputs = [d for d in unsafe if d.startswith(("data ", "backbone "))]
+  if inputs:  # continuing would train one model on two inputs: only a fresh stage makes sense
+    raise errors.WorkdirMismatch(
+        f"{stage_dir} holds a '{stage}' run on other inputs ({'; '.join(inputs[:4])}): use a new "
+        f"--workdir, or delete {stage_dir} to run the stage again (allow_config_change does not "
+        f"apply to changed data or backbones)")
   if unsafe and not allow_change:
     shown = "; ".join(unsafe[:6]) + (f"; and {len(unsafe) - 6} more" if len(unsafe) > 6 else "")
     raise errors.WorkdirMismatch(

@@ -399,7 +399,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                         reward_variables=rm_variables,
                         prompt_arrays={"tokens": prompt_tokens, "mask": prompt_mask},
                         sample_cfg=sample_cfg, eval_fn=eval_fn)
-  _write_curve(stage_dir, initial, result["history"], judged_keys)
+  # From metrics.jsonl, not fit's history: that holds only this process's steps after a resume.
+  _write_curve(stage_dir, initial, train_lib.read_history(workdir, "rl"), judged_keys)
   final = evaluate(result["state"]["trainable"])
   return _summary(config, initial, final, result, report, judged_keys)
 

@@ -148,7 +148,8 @@ class Writer:
 
   def _open_tb(self):
     from tensorboardX import SummaryWriter  # imported here: only runs that log need it
-    return SummaryWriter(self.tb_dir)
+    self._files = getattr(self, "_files", 0) + 1  # a fresh event file name per (re)open
+    return SummaryWriter(self.tb_dir, filename_suffix=f".{os.getpid()}.{self._files}")
 
   def scalars(self, step: int, metrics: dict, prefix: str = "") -> None:
     for name, value in metrics.items():
@@ -158,7 +159,10 @@ class Writer:
     self.jsonl.flush()
 
   def flush(self) -> None:
-    self.tb.flush()
+    """Everything logged so far is on disk (tensorboardX's flush() leaves its queue behind:
+    closing is what writes it)."""
+    self.tb.close()
+    self.tb = self._open_tb()
 
   def resume(self, prefix: str, step: int) -> int:
     """Drops the `prefix` lines after `step` (written after the last checkpoint by a run that
@@ -197,6 +201,20 @@ class Writer:
     self.jsonl.close()
 
 
+def read_history(workdir: str, name: str) -> list[dict]:
+  """A stage's logged steps from WORKDIR/metrics.jsonl, one dict per step: train metrics under
+  their names, eval metrics as eval_<name> (the whole run's, across resumes)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  steps: dict[int, dict] = {}
+  for line in (open(path) if os.path.exists(path) else []):
+    record = json.loads(line)
+    for key, value in record.items():
+      for kind, out in ((f"{name}/train/", ""), (f"{name}/eval/", "eval_")):
+        if key.startswith(kind):
+          steps.setdefault(record["step"], {"step": record["step"]})[out + key[len(kind):]] = value
+  return [steps[k] for k in sorted(steps)]
+
+
 def read_tensorboard(tb_dir: str) -> dict:
   """{(tag, step): value} of the scalars in tb_dir's event files (TFRecord framing of Event
   protos, read without TensorFlow), to compare curves."""
@@ -231,7 +249,7 @@ def _restore(ckpt: checkpoint_lib.Checkpointer, state, workdir: str, identity: s
              name: str):
   """The latest checkpoint's state if there is one (refusing one of another identity)."""
   if ckpt.latest_step() is None:
-    return state
+    return state, {}
   state, saved_meta = ckpt.restore(state)
   if not identity_lib.accepts(workdir, saved_meta.get("identity")):
     ckpt.close()
@@ -241,7 +259,7 @@ def _restore(ckpt: checkpoint_lib.Checkpointer, state, workdir: str, identity: s
         f"use a new --workdir")
   logging.info("%s: resumed from step %d in %s", name, int(state["step"]), ckpt.directory)
   print(f"[{name}] resumed from checkpoint at step {int(state['step'])}", flush=True)
-  return state
+  return state, saved_meta
 
 
 class StopGuard:
@@ -317,8 +335,12 @@ def _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn, trainable, frozen, met
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
   recorded = identity_lib.read(workdir)
   meta = dict(meta or {}, identity=recorded["sha256"] if recorded else None)
-  state = _restore(ckpt, jax.device_put(state, state_shardings), workdir, meta["identity"], name)
-  return step_fn, state, jax.device_put(frozen, frozen_shardings), ckpt, meta
+  state, saved = _restore(ckpt, jax.device_put(state, state_shardings), workdir,
+                          meta["identity"], name)
+  if int(state["step"]) >= tcfg.steps:
+    print(f"[{name}] WARNING: the checkpoint is at step {int(state['step'])} of "
+          f"{tcfg.steps}: nothing left to train, the saved state is evaluated as it is", flush=True)
+  return step_fn, state, jax.device_put(frozen, frozen_shardings), ckpt, meta, saved
 
 
 def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
@@ -334,16 +356,16 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
   rollouts). Resumes from the latest checkpoint in `workdir/checkpoints` with the batches and
   random numbers of an uninterrupted run; stops with errors.TrainingStopped as StopGuard says."""
   tcfg = train_cfg
-  step_fn, state, frozen, ckpt, meta = _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn,
-                                              trainable, frozen, meta)
+  step_fn, state, frozen, ckpt, meta, saved = _start(name, workdir, tcfg, optim_cfg, mesh,
+                                                     loss_fn, trainable, frozen, meta)
   start, base_rng = int(state["step"]), jax.random.key(seed)
-  own_writer = writer is None
-  writer = writer or Writer(workdir)
+  own_writer, writer = writer is None, writer or Writer(workdir)
   if dropped := writer.resume(f"{name}/", start):
     print(f"[{name}] dropped {dropped} log lines written after step {start} by an interrupted "
           f"run", flush=True)
   guard = StopGuard(name, tcfg.get("stop_if_stuck", 0), collapsed)
-  step_times, history, last_saved, metrics, step_memory = [], [], ckpt.latest_step(), {}, None
+  step_times, history, last_saved, step_memory = [], [], ckpt.latest_step(), None
+  metrics = saved.get("final_metrics", {})  # what the last step logged, if none is left to run
   t_last = time.perf_counter()
   for step in range(start, tcfg.steps):
     # No implicit host<->device copy on the hot path: batches and metrics move explicitly
@@ -366,7 +388,8 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
                                                        and done % tcfg.eval_every == 0)):
       history[-1].update(_evaluate(name, eval_fn, state["trainable"], done, writer))
     if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-      ckpt.save(done, state, {**meta, "step": done, "examples_seen": done * tcfg.batch_size})
+      ckpt.save(done, state, {**meta, "step": done, "examples_seen": done * tcfg.batch_size,
+                              "final_metrics": {k: float(v) for k, v in metrics.items()}})
       writer.flush()  # TensorBoard is never behind the last checkpoint
       last_saved = done
   ckpt.close()

@@ -48,6 +48,9 @@ def _train(p: _Problems, tcfg, prefix: str, data_shards: int) -> None:
     p.number(tcfg, prefix, key, 1, integer=True)
   p.number(tcfg, prefix, "eval_every", 0, integer=True)
   p.number(tcfg, prefix, "stop_if_stuck", 0, integer=True)
+  if isinstance(tcfg.stop_if_stuck, int) and 0 < tcfg.stop_if_stuck < 5:
+    p.append(f"{prefix}.stop_if_stuck: 0 (off) or at least 5 (a fresh reward head scores every "
+             f"row alike for the first steps), got {tcfg.stop_if_stuck}")
   if "updates_per_batch" in tcfg:
     p.number(tcfg, prefix, "updates_per_batch", 1, integer=True)
   batch, accum = tcfg.batch_size, tcfg.accum_steps
@@ -83,14 +86,16 @@ def _model(p: _Problems, config) -> None:
   p.number(m, "model", "logprob_chunk_tokens", 0, integer=True)
   p.number(m, "model", "attention_chunk", 0, integer=True)
   if m.backbone not in ("", "random"):
-    p.need(os.path.isdir(os.path.join(m.backbone, "sft", "backbone")), "model.backbone",
+    p.need(os.path.isdir(os.path.join(os.path.expanduser(m.backbone), "sft", "backbone")),
+           "model.backbone",
            f"must be '', 'random' or the workdir of a finished sft run; "
            f"{os.path.join(m.backbone, 'sft', 'backbone')} does not exist")
   looks_like_path = os.sep in m.checkpoint or m.checkpoint.endswith(".gguf")
   if m.checkpoint and looks_like_path:
-    p.need(os.path.exists(m.checkpoint), "model.checkpoint", f"{m.checkpoint} does not exist")
+    p.need(os.path.exists(os.path.expanduser(m.checkpoint)), "model.checkpoint",
+           f"{m.checkpoint} does not exist")
   if config.tokenizer.path:
-    p.need(os.path.isfile(config.tokenizer.path), "tokenizer.path",
+    p.need(os.path.isfile(os.path.expanduser(config.tokenizer.path)), "tokenizer.path",
            f"{config.tokenizer.path} is not a file")
 
 
@@ -143,12 +148,12 @@ def _reward_data(p: _Problems, config, workdir: str, before: list[str]) -> None:
   if rd.name not in loader.PREFERENCE_DATASETS:
     p.choice(rd.name, "reward.data.name", loader.PREFERENCE_DATASETS)
     return
-  if not rd.manual_dir or not os.path.isdir(rd.manual_dir):
+  if not rd.manual_dir or not os.path.isdir(os.path.expanduser(rd.manual_dir)):
     p.append(f"{field}: dataset {rd.name!r} reads its published files from a directory; "
              f"{rd.manual_dir!r} is not one")
     return
   try:
-    loader.check_manual_files(rd.name, rd.manual_dir, rd.config or None)
+    loader.check_manual_files(rd.name, os.path.expanduser(rd.manual_dir), rd.config or None)
   except ValueError as e:
     p.append(f"{field}: {e}")
 
@@ -173,9 +178,10 @@ def _stages(p: _Problems, config, workdir: str) -> None:
              f"the prefs stage labels pairs with the task's gold judge; task "
              f"{config.task!r} has none: drop 'prefs' and point reward.data at preference data")
     if stage == "rl":
-      p.need("reward" in before or os.path.isdir(os.path.join(workdir, "reward", "best")),
-             "stages", "stage 'rl' needs the reward model of a 'reward' stage: add 'reward' "
-             "before 'rl' (or run it first in this workdir)")
+      p.need("reward" in before or os.path.isfile(os.path.join(workdir, "reward",
+                                                              "result.json")),
+             "stages", "stage 'rl' needs the reward model of a finished 'reward' stage: add "
+             "'reward' before 'rl' (or finish it first in this workdir)")
     if stage == "reward":
       _reward_data(p, config, workdir, before)
 
@@ -237,8 +243,9 @@ def problems(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       _train(p, config[stage].train, f"{stage}.train", shards)
       _optim(p, config[stage].optim, f"{stage}.optim")
   if "sft" in stages:
+    low = 1 if config.task == "reviews" else 0  # reviews generates its examples: 0 is none
     for key in ("num_train", "num_eval"):
-      p.number(config.sft, "sft", key, 0, integer=True)
+      p.number(config.sft, "sft", key, low, integer=True)
     p.number(config.sft, "sft", "num_samples", 1, integer=True)
   if "prefs" in stages:
     for key in ("num_train_prompts", "num_eval_prompts"):

@@ -326,3 +326,14 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert a == b  # bit-exact: same batches, same random numbers, same float results
   assert _tb_scalars(str(tmp_path / "killed" / "tb")) == _tb_scalars(str(tmp_path / "straight" /
                                                                         "tb"))
+
+
+def test_a_checkpoint_of_another_shape_is_refused_and_nothing_is_moved(tmp_path):
+  _, batch_at, _, _ = _problem()
+  _fit(tmp_path, batch_at, steps=6)  # checkpoints at 3 and 6, leaves of shape (4,)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  wrong = {"step": jnp.zeros((), jnp.int32), "trainable": {"w": {"scale": jnp.zeros(5)}}}
+  with pytest.raises(errors.WorkdirMismatch, match="nothing was moved"):
+    ckpt.restore(wrong)
+  assert sorted(ckpt.manager.all_steps()) == [3, 6]
+  assert not os.path.exists(str(tmp_path / "checkpoints") + ".corrupt")
