@@ -7,9 +7,9 @@ stage in --stages, copies the finished earlier stages into a fresh workdir and r
 as `python -m perl_jax.main`, killing it with SIGKILL --kills times at random steps (sorted;
 each kill up to 1.5 s after that step's log line, so in a step, an evaluation or a checkpoint
 write; step 0: 2-8 s after start, in start-up or compilation), each run resuming the last; and finally lets it finish. It then compares with the
-uninterrupted run: the stage's results (result.json), its metrics.jsonl lines, its TensorBoard
-scalars and rl's curve.json, which must be equal (bit-exact where resume is; --atol sets the tolerance) with no
-duplicate steps. Prints one line per kill and a verdict per stage; exits 1 on any difference.
+uninterrupted run: the stage's results (result.json), its metrics.jsonl lines, its
+TensorBoard scalars and rl's curve.json, which must be equal (bit-exact where resume is; --atol
+sets the tolerance) with no duplicate steps. Prints one line per kill and a verdict per stage; exits 1 on any difference.
 """
 from __future__ import annotations
 
