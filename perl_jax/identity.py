@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from perl_jax import errors
 
@@ -45,15 +46,10 @@ _WHOLE_FILE_LIMIT = 256 << 20
 _EDGE = 32 << 20
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(_flat(value, name + "."))
-    else:
-      out[name] = list(value) if isinstance(value, tuple) else value
-  return out
+def config_fields(config: ml_collections.ConfigDict) -> dict:
+  """{"a.b": value} of every config field, tuples as lists (as identity.json holds them)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 
 def _sha(payload: Any) -> str:
@@ -137,7 +133,7 @@ def _data(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
 
 def of_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   """The stage's identity: {"fields", "data", "backbone", "sha256"} (sha256 over all but SAFE)."""
-  flat = _flat(config.to_dict())
+  flat = config_fields(config)
   wanted = FIELDS[stage]
   fields = {k: v for k, v in flat.items()
             if any(k == w or k.startswith(w + ".") for w in wanted)}

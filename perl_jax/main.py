@@ -98,18 +98,16 @@ def _finished_result(config, workdir: str, stage: str) -> dict | None:
 
 
 def _config_field_error(e: Exception, argv) -> str | None:
-  """A one-line message for a bad --config.x override, else None."""
-  text = str(e).strip("\"' ")
+  """A one-line message for an override of a field the config lacks, else None."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return None
+  known = _known_fields(argv)
   for arg in argv[1:]:
-    if arg.startswith("--config.") and "=" in arg:
-      field = arg[len("--config."):].split("=", 1)[0]
-      parts = field.split(".")
-      if text.strip("'\"") in parts or isinstance(e, (AttributeError, KeyError)):
-        known = _known_fields(argv)
-        close = difflib.get_close_matches(field, known, n=3)
-        if field not in known:
-          hint = f"; did you mean {', '.join(close)}?" if close else ""
-          return f"--config.{field}: no such config field{hint}"
+    field = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else None
+    if field and field not in known:
+      close = difflib.get_close_matches(field, known, n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      return f"--config.{field}: no such config field{hint}"
   return None
 
 
@@ -126,7 +124,7 @@ def _known_fields(argv) -> list[str]:
     config = module.get_config(arg) if arg else module.get_config()
   except Exception:  # only for a hint: the real error is reported either way
     return []
-  return list(identity._flat(config.to_dict()))
+  return list(identity.config_fields(config))
 
 
 def parse_flags(argv):

@@ -143,12 +143,13 @@ class Writer:
   def __init__(self, workdir: str):
     self.tb_dir = os.path.join(workdir, "tb")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._files = 0  # event files opened: each (re)open writes a fresh file
     self.tb = self._open_tb()
     self.jsonl = open(self.jsonl_path, "a")
 
   def _open_tb(self):
     from tensorboardX import SummaryWriter  # imported here: only runs that log need it
-    self._files = getattr(self, "_files", 0) + 1  # a fresh event file name per (re)open
+    self._files += 1
     return SummaryWriter(self.tb_dir, filename_suffix=f".{os.getpid()}.{self._files}")
 
   def scalars(self, step: int, metrics: dict, prefix: str = "") -> None:

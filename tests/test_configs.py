@@ -76,6 +76,8 @@ def compilation_cache_dir(tmp_path_factory):
 def _published(name):
   folder = os.path.join(SHARED_DATA, PUBLISHED[name])
   if not os.path.isdir(folder):
+    # ../shared/data is provided beside the repo in CI and here; a clone without it cannot
+    # run the configs that read published data (the synthetic-data configs still run).
     pytest.skip(f"published {name} data absent ({folder})")
   return folder
 
