@@ -67,7 +67,7 @@ def build_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
 
 def place(tree: Any, mesh) -> Any:
   """Puts a params / variables tree onto `mesh` by the parameter sharding rules."""
-  return jax.device_put(tree, sharding_lib.tree_shardings(tree, mesh))
+  return sharding_lib.put(tree, sharding_lib.tree_shardings(tree, mesh))
 
 
 def optim_for(optim_cfg: ml_collections.ConfigDict,
@@ -90,7 +90,9 @@ def param_report(trainable: Any, frozen: Any) -> dict:
 def write_json(path: str, payload: dict | list) -> None:
   """`payload` as indented JSON with sorted keys (numpy values as lists), written atomically:
   a reader never sees half a file. The one JSON writer of perl_jax (summaries, checkpoint
-  configs, HF and PEFT exports)."""
+  configs, HF and PEFT exports). Only process 0 writes: the others return (perl_jax.distributed)."""
+  if jax.process_index() != 0:
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def default(x):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import numpy as np
 
+from perl_jax import distributed
 from perl_jax import sharding as sharding_lib
 from perl_jax.progress import Progress
 
@@ -23,7 +23,7 @@ def per_row(fn: Callable[[dict], dict], arrays: dict, batch_size: int, mesh, nam
     if real < batch_size:
       batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - real, 0)])
                for k, v in batch.items()}
-    out = jax.device_get(fn(sharding_lib.put_batch(batch, mesh)))
+    out = distributed.to_host(fn(sharding_lib.put_batch(batch, mesh)))
     outputs.append({k: np.asarray(v)[:real] for k, v in out.items()})
     progress.update(start + real)
   return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}

@@ -7,6 +7,8 @@ identity (perl_jax.identity) is skipped and keeps its results.
 
 Errors a user can fix (perl_jax.errors: config, workdir, data) print one line and exit with code
 2, a training run stopped on a NaN or a stuck loss with code 3; --verbose adds the traceback.
+With --distributed, a process whose peer died exits with code 4 and a line naming the lost
+process (or, if the coordination service notices first, JAX aborts it naming the task).
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from perl_jax import common
+from perl_jax import distributed
 from perl_jax import errors
 from perl_jax import identity
 from perl_jax import sharding as sharding_lib
@@ -36,8 +40,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first: one process per host of a "
-    "multi-host TPU pod slice or GPU cluster (coordinator and ranks from the environment).")
+    "distributed", False, "Run as one of several processes (one per host of a TPU pod slice or "
+    "GPU cluster, or local CPU processes: launch.multiprocess) that form one mesh. On a TPU VM "
+    "or SLURM nothing else is needed; otherwise give the three flags below or their variables.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: HOST:PORT of process 0 (default: "
+    "$JAX_COORDINATOR_ADDRESS, else detected from the cluster).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --distributed: how many processes (default: "
+    "$PERL_JAX_NUM_PROCESSES, else detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --distributed: this process's rank, 0 ... num_processes - 1 "
+    "(default: $PERL_JAX_PROCESS_ID, else detected).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 30, "With --distributed: a process silent this long is declared "
+    "dead and the others stop with an error naming it.")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Print the full traceback of config, data and workdir errors too (they "
     "are otherwise one line).")
@@ -71,6 +88,7 @@ def run(config, workdir: str) -> dict:
       summary["stages"][stage] = result
       summary.update({k: v for k, v in result.items() if not k.startswith("samples")})
       common.write_json(summary_path, summary)
+      distributed.barrier(f"{stage} done")  # the next stage may read what process 0 wrote
   finally:
     writer.close()
   return summary
@@ -85,11 +103,16 @@ def _finished_result(config, workdir: str, stage: str) -> dict | None:
   if stage not in identity.FIELDS:  # report: cheap, always redone
     return None
   stage_dir = os.path.join(workdir, stage)
-  status = identity.check(stage_dir, identity.of_stage(config, workdir, stage),
-                          config.allow_config_change)
   result_path = os.path.join(stage_dir, RESULT)
-  if status == "changed" and os.path.exists(result_path):
-    os.remove(result_path)  # the accepted change is trained on: the old results no longer hold
+
+  def check():  # process 0 records the identity (and drops stale results); the others then read
+    status = identity.check(stage_dir, identity.of_stage(config, workdir, stage),
+                            config.allow_config_change)
+    if status == "changed" and os.path.exists(result_path) and distributed.is_primary():
+      os.remove(result_path)  # the accepted change is trained on: the old results no longer hold
+    return status
+
+  status = distributed.primary_first(check, f"{stage} identity")
   if status != "same" or not os.path.exists(result_path):
     return None
   print(f"[{stage}] finished earlier in this workdir with the same config and data: keeping its "
@@ -140,6 +163,32 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _exit_on_error(e: Exception) -> None:
+  """Reports `e` and exits: a user error in one line (code 2, or 3 for a stopped training run),
+  a lost peer process in one line naming it (code 4), anything else with its traceback (code 1).
+  With several processes the exit is immediate: a clean shutdown would wait for the others at
+  JAX's shutdown barrier for minutes, while they wait in a collective for this one."""
+  several = _DISTRIBUTED.value and jax.process_count() > 1
+  lost = (distributed.lost_process_message(e)
+          if several and isinstance(e, jax.errors.JaxRuntimeError) else None)
+  if isinstance(e, errors.UserError) and not _VERBOSE.value:
+    lines, code = str(e).splitlines() or [type(e).__name__], (
+        3 if isinstance(e, errors.TrainingStopped) else 2)
+  elif lost:
+    lines, code = [lost], 4
+  elif not several:
+    raise e
+  else:
+    traceback.print_exc()
+    lines, code = [f"process {jax.process_index()}: {type(e).__name__} (traceback above)"], 1
+  for line in lines:
+    print(f"perl_jax: error: {line}", file=sys.stderr, flush=True)
+  if several:
+    sys.stdout.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -147,7 +196,10 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _HEARTBEAT.value)
+    if not distributed.is_primary() and not _VERBOSE.value:
+      sys.stdout = open(os.devnull, "w")  # process 0 reports progress; errors still show
   try:
     config = _CONFIG.value
     config.to_dict()  # a config file that failed to load raises only when first used
@@ -159,13 +211,8 @@ def main(argv):
     sys.exit(2)
   try:
     run(config, _WORKDIR.value)
-  except errors.UserError as e:
-    if _VERBOSE.value:
-      raise
-    lines = str(e).splitlines() or [type(e).__name__]
-    for line in lines:
-      print(f"perl_jax: error: {line}", file=sys.stderr, flush=True)
-    sys.exit(3 if isinstance(e, errors.TrainingStopped) else 2)
+  except Exception as e:
+    _exit_on_error(e)
   print(f"summary written to {os.path.join(_WORKDIR.value, 'summary.json')}", flush=True)
 
 

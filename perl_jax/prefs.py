@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from perl_jax import common
+from perl_jax import distributed
 from perl_jax import roles
 from perl_jax import tasks
 
@@ -52,6 +53,8 @@ def label_pairs(pairs, gold_reward, bt_scale: float, rng: np.random.Generator | 
 
 
 def _write_jsonl(path, rows):
+  if not distributed.is_primary():
+    return
   with open(path + ".tmp", "w") as f:
     for row in rows:
       f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")

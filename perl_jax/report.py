@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+from perl_jax import distributed
+
 
 def _rows(stages: dict) -> list[tuple[str, str]]:
   rows = []
@@ -93,9 +95,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
     lines += ["", "Held-out samples, anchor (before RL) and policy (after RL):", ""]
     for before, after in zip(rl["samples_before"], rl["samples_after"]):
       lines += [f"- before: {before}", f"- after:  {after}"]
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
   out = {"report": os.path.join(workdir, "report.md")}
+  if not distributed.is_primary():  # process 0 writes the files
+    return out
+  with open(out["report"], "w") as f:
+    f.write("\n".join(lines) + "\n")
   curve_path = os.path.join(workdir, "rl", "curve.json")
   if os.path.exists(curve_path):
     out["plot"] = os.path.join(workdir, "rl_curves.png")

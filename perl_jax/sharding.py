@@ -57,14 +57,29 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     if value.shape[0] % div:
       raise ValueError(f"batch field {name!r} has {value.shape[0]} rows, not divisible by the "
                        f"{div} data-parallel devices of the mesh")
-  sharding = batch_sharding(mesh)
-  if jax.process_count() == 1 or all(isinstance(v, jax.Array) for v in batch.values()):
-    return jax.device_put(batch, sharding)
-  # Multi-host: each process contributes only its own rows of the global batch.
-  index, count = jax.process_index(), jax.process_count()
-  return {name: jax.make_array_from_process_local_data(
-      sharding, value[index * len(value) // count:(index + 1) * len(value) // count],
-      value.shape) for name, value in batch.items()}
+  return put(batch, batch_sharding(mesh))
+
+
+def put(tree, shardings):
+  """jax.device_put(tree, shardings) that also works when the shardings span several processes:
+  a leaf already on the global mesh is resharded on device; a host value or a leaf on this
+  process's devices (every process holds the same value) gives each device its shard."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(_put_global, tree, shardings)
+
+
+def _put_global(leaf, sharding):
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return jax.device_put(leaf, sharding)
+  with jax.transfer_guard("allow"):  # an explicit transfer, as device_put is
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      data = _put_global(jax.random.key_data(leaf), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    value = np.asarray(jax.device_get(leaf))
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 # ----------------------------------------------------------------------------- parameter rules

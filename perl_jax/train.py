@@ -106,7 +106,7 @@ def step_key(base_rng, step: int, mesh):
   """The step's random key, fold_in(base_rng, step), replicated over `mesh`; the step and the
   key move explicitly (the train loop runs under jax.transfer_guard("disallow"))."""
   key = jax.random.fold_in(base_rng, jax.device_put(np.uint32(step)))
-  return jax.device_put(key, sharding_lib.replicated(mesh))
+  return sharding_lib.put(key, sharding_lib.replicated(mesh))
 
 
 def sharded_train_step(train_step, mesh, state, frozen):
@@ -137,10 +137,14 @@ class Writer:
 
   metrics.jsonl is the record: it is flushed at every write, and on resume the lines a killed run
   wrote after its last checkpoint are dropped and TensorBoard is rebuilt from it (`resume`), so
-  both curves equal an uninterrupted run's. TensorBoard is flushed at every checkpoint.
+  both curves equal an uninterrupted run's. TensorBoard is flushed at every checkpoint. Only
+  process 0 of a multi-process run writes; the others' writers do nothing.
   """
 
   def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
     self.tb_dir = os.path.join(workdir, "tb")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._files = 0  # event files opened: each (re)open writes a fresh file
@@ -153,6 +157,8 @@ class Writer:
     return SummaryWriter(self.tb_dir, filename_suffix=f".{os.getpid()}.{self._files}")
 
   def scalars(self, step: int, metrics: dict, prefix: str = "") -> None:
+    if not self.enabled:
+      return
     for name, value in metrics.items():
       self.tb.add_scalar(prefix + name, float(value), step)
     self.jsonl.write(json.dumps({"step": step, **{prefix + k: float(v)
@@ -162,12 +168,16 @@ class Writer:
   def flush(self) -> None:
     """Everything logged so far is on disk (tensorboardX's flush() leaves its queue behind:
     closing is what writes it)."""
+    if not self.enabled:
+      return
     self.tb.close()
     self.tb = self._open_tb()
 
   def resume(self, prefix: str, step: int) -> int:
     """Drops the `prefix` lines after `step` (written after the last checkpoint by a run that
     was killed) and rebuilds TensorBoard from metrics.jsonl; returns how many lines went."""
+    if not self.enabled:
+      return 0
     self.jsonl.close()
     with open(self.jsonl_path) as f:
       lines = [line for line in f if line.strip()]
@@ -198,6 +208,8 @@ class Writer:
     return dropped
 
   def close(self):
+    if not self.enabled:
+      return
     self.tb.close()
     self.jsonl.close()
 
@@ -336,12 +348,12 @@ def _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn, trainable, frozen, met
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
   recorded = identity_lib.read(workdir)
   meta = dict(meta or {}, identity=recorded["sha256"] if recorded else None)
-  state, saved = _restore(ckpt, jax.device_put(state, state_shardings), workdir,
+  state, saved = _restore(ckpt, sharding_lib.put(state, state_shardings), workdir,
                           meta["identity"], name)
   if int(state["step"]) >= tcfg.steps:
     print(f"[{name}] WARNING: the checkpoint is at step {int(state['step'])} of "
           f"{tcfg.steps}: nothing left to train, the saved state is evaluated as it is", flush=True)
-  return step_fn, state, jax.device_put(frozen, frozen_shardings), ckpt, meta, saved
+  return step_fn, state, sharding_lib.put(frozen, frozen_shardings), ckpt, meta, saved
 
 
 def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perl_jax import distributed
 from perl_jax.data import anthropic_hh
 from perl_jax.data import jsonl
 from perl_jax.data import reading
@@ -147,8 +148,14 @@ def prepared_builder(name: str, manual_dir: str, data_dir: str, config: str | No
 
   The data is prepared into `<data_dir>/<name>-<fingerprint sha256[:12]>`, so a changed file in
   manual_dir gives a fresh preparation. When manual_dir is absent and data_dir holds exactly one
-  preparation of the dataset, that one is read (and said so).
+  preparation of the dataset, that one is read (and said so). With several processes, process
+  0 prepares and the others wait, then read.
   """
+  return distributed.primary_first(
+      lambda: _prepared_builder(name, manual_dir, data_dir, config), f"prepare {name}")
+
+
+def _prepared_builder(name: str, manual_dir: str, data_dir: str, config: str | None):
   cls = _builder_class(name)
   config = _config_name(cls, config)
   manual_dir, data_dir = _path(manual_dir), _path(data_dir)

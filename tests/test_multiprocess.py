@@ -1,0 +1,130 @@
+"""The multi-host path, run for real: 2 processes x 4 CPU devices (gloo) form one 8-device mesh.
+
+The stages give the curves and results of 1 process x 8 devices; a checkpoint the 2 processes
+wrote restores in 1 process on another mesh and continues identically; a killed process makes
+the other stop with an error naming it, and rerunning the command resumes.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from launch import multiprocess
+from test_released_checkpoint import _pairs, _released
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """A released tiny Gemma 3 (HF layout) and preference pairs in the jsonl layout."""
+  tmp = tmp_path_factory.mktemp("multiprocess")
+  directory = _released(tmp)[0]
+  (tmp / "data").mkdir()
+  _pairs(tmp / "data" / "train.jsonl", 64, 1)
+  _pairs(tmp / "data" / "test.jsonl", 16, 2)
+  return directory, str(tmp / "data")
+
+
+def _args(inputs, workdir, stages=("reward", "rl"), **overrides):
+  checkpoint, data = inputs
+  flags = {"stages": repr(tuple(stages)), "model.checkpoint": checkpoint,
+           "reward.data.manual_dir": data, "rl.num_train_prompts": 16,
+           "reward.train.steps": 20, "reward.train.checkpoint_every": 5,
+           "reward.train.eval_every": 10, "reward.train.log_every": 1,
+           "rl.train.steps": 3, "rl.train.checkpoint_every": 2, "rl.train.eval_every": 3,
+           "rl.train.log_every": 1}
+  flags.update(overrides)
+  return ["--config=configs/demo.py:small", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in flags.items())]
+
+
+def _one_process(args, devices=8):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, "-m", "perl_jax.main", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _two_processes(args):
+  return subprocess.Popen([sys.executable, "-m", "launch.multiprocess", "--processes=2",
+                           "--devices_per_process=4", "--", *args], cwd=ROOT,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=300):
+  out = proc.communicate(timeout=timeout)[0]
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _records(workdir, prefix=""):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if any(k.startswith(prefix) for k in r if k != "step")]
+
+
+def _assert_same_records(a, b):
+  assert [sorted(r) for r in a] == [sorted(r) for r in b]
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_allclose(y[key], x[key], rtol=1e-5, atol=1e-5, err_msg=f"{key} {x}")
+
+
+def test_multiprocess_runs_equal_one_process_survive_a_kill_and_resume_on_another_mesh(
+    inputs, tmp_path):
+  """One test (its runs share the 1-process reference): 2 processes x 4 devices vs 1 x 8."""
+  one, two, killed = (str(tmp_path / name) for name in ("one", "two", "killed"))
+  procs = [_one_process(_args(inputs, one)), _two_processes(_args(inputs, two))]
+  out_one, out_two = (_finish(p) for p in procs)
+  assert "8 cpu device(s)" in out_one and "[p0] perl_jax: 8 cpu device(s)" in out_two
+  assert "[p1] [reward]" not in out_two  # process 0 reports; the others stay quiet
+  records = _records(one)
+  assert {r["step"] for r in records} == set(range(1, 21))
+  _assert_same_records(records, _records(two))
+  for name in ("summary.json", "rl/curve.json", "reward/best.json", "reward/result.json"):
+    assert os.path.exists(os.path.join(two, name))
+  stages_one = json.load(open(os.path.join(one, "summary.json")))["stages"]
+  stages_two = json.load(open(os.path.join(two, "summary.json")))["stages"]
+  for stage in ("reward", "rl"):
+    for key, value in stages_one[stage].items():
+      if isinstance(value, float) and "time" not in key and "per_s" not in key:
+        np.testing.assert_allclose(stages_two[stage][key], value, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{stage}/{key}")
+
+  # Killing process 1 mid-stage stops process 0 on its own, and the launcher names the lost one.
+  launcher = _two_processes(["--heartbeat_timeout_s=10", *_args(inputs, killed, ("reward",))])
+  pids = launcher.stdout.readline()  # "[launch] 2 processes, coordinator ..., pids P0 P1"
+  assert "pids" in pids, pids
+  checkpoints = os.path.join(killed, "reward", "checkpoints")
+  deadline = time.time() + 240
+  while not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+    assert time.time() < deadline and launcher.poll() is None, launcher.stdout.read()[-3000:]
+    time.sleep(0.05)
+  os.kill(int(pids.split()[-1]), signal.SIGKILL)
+  out = launcher.communicate(timeout=120)[0]
+  assert launcher.returncode != 0, out[-3000:]
+  assert "[launch] process 1 was killed by SIGKILL; waiting" in out, out[-3000:]
+  stopped = re.search(r"process 0 (?:exited|was killed)[^\n]* on its own, ([\d.]+)s after "
+                      r"process 1 failed", out)
+  assert stopped and float(stopped.group(1)) < 60, out[-3000:]
+  assert "FAILED: process 1 was killed by SIGKILL first. Rerun the same command" in out
+  saved = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+  assert saved and saved[-1] < 20, saved  # the kill landed mid-stage
+
+  # The rerun resumes from the 2 processes' checkpoint in 1 process on a 4 x 2 (data x fsdp)
+  # mesh, and the stage ends as the uninterrupted runs did.
+  out = _finish(_one_process(_args(inputs, killed, ("reward",),
+                                   **{"mesh.data": 4, "mesh.fsdp": 2})))
+  assert f"[reward] resumed from checkpoint at step {saved[-1]}" in out, out[-3000:]
+  assert "mesh {'data': 4, 'fsdp': 2" in out
+  _assert_same_records(_records(one, "reward/"), _records(killed, "reward/"))
+  resumed = json.load(open(os.path.join(killed, "summary.json")))["stages"]["reward"]
+  for key in ("eval_accuracy", "eval_loss", "train_loss", "best_eval_accuracy"):
+    np.testing.assert_allclose(resumed[key], stages_one["reward"][key], rtol=1e-5, atol=1e-5)
