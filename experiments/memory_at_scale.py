@@ -6,7 +6,8 @@ allocated; XLA's memory_analysis of the same jitted steps the stages run).
 
 Writes memory.csv and memory.md in --out. With --mesh=DATA,FSDP,TENSOR (e.g. 1,8,1) the steps are
 compiled with the training shardings and the figures are per device (devices are simulated on a
-CPU host). bf16 backbone, f32 adapters, AdamW; reward batch 8
+CPU host). bf16 backbone (--weight_dtypes=bfloat16,int8,nf4: its projection kernels stored
+quantised, perl_jax.quant), f32 adapters, AdamW; reward batch 8
 pairs x 512 tokens; RL 16 episodes of 256 prompt + 256 new tokens (change with flags); layers
 under nn.scan with remat (--noscan_layers / --noremat to compare). Full fine-tuning gets the same
 scan, remat, chunked log-probs and attention blocks, and keeps bf16 weights and gradients with
@@ -51,6 +52,9 @@ _EPISODES = flags.DEFINE_integer("episodes", 16, "episodes per RL update")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 256, "RL prompt tokens")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "RL completion tokens")
 _OUT = flags.DEFINE_string("out", "/tmp/perl_memory", "output folder")
+_WEIGHT_DTYPES = flags.DEFINE_list(
+    "weight_dtypes", ["bfloat16"], "model.weight_dtype of the frozen backbone's projection "
+    "kernels (bfloat16, int8, nf4); full tuning is measured in bfloat16 only")
 _REMAT = flags.DEFINE_bool("remat", True, "rematerialise layers in the backward pass")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "layers under nn.scan (False: unrolled)")
 _ATTENTION_CHUNK = flags.DEFINE_integer("attention_chunk", 128, "queries per attention block "
@@ -64,34 +68,37 @@ def main(argv):
   shape = _mesh_arg(sys.argv)
   mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.AXES, shape))) if shape else None
   rows = []
-  for preset in _PRESETS.value:
+  runs = [(preset, weight_dtype, rank) for preset in _PRESETS.value
+          for weight_dtype in _WEIGHT_DTYPES.value for rank in [int(r) for r in _RANKS.value]]
+  runs += [(preset, "bfloat16", 0) for preset in _PRESETS.value if _WITH_FULL.value]
+  for preset, weight_dtype, rank in runs:
     cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16",
-                                 remat=_REMAT.value, scan_layers=_SCAN.value,
-                                 attention_chunk=_ATTENTION_CHUNK.value)
-    for rank in [int(r) for r in _RANKS.value] + ([0] if _WITH_FULL.value else []):
-      t0 = time.perf_counter()
-      rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)
-      rl = memory.rl_step_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,
-                                 _NEW_TOKENS.value, mesh=mesh)
-      gib = lambda b: b / memory.GiB
-      row = {"preset": preset, "mesh": "x".join(map(str, shape)) if shape else "1",
-             "lora_rank": rank or "full",
-             "rm_trainable_params": rm["trainable_params"], "rm_total_params": rm["total_params"],
-             "rm_step_peak_gib": gib(rm["peak_bytes"]),
-             "rl_trainable_params": rl["trainable_params"],
-             "rl_step_total_gib": gib(rl["total_bytes"]),
-             "compile_s": time.perf_counter() - t0}
-      for name, stats in (("rm", rm), ("rl", rl)):  # the breakdown, per device
-        row.update({f"{name}_weights_gib": gib(stats["weights_bytes"]),
-                    f"{name}_optimizer_gib": gib(stats["optimizer_bytes"]),
-                    f"{name}_adapter_gib": gib(stats["adapter_bytes"]),
-                    f"{name}_temp_gib": gib(stats["temp_bytes"]),
-                    f"{name}_largest": "; ".join(stats["largest_buffers"][:3]),
-                    f"{name}_analytic_gib": gib(stats["analytic"]["total"]),
-                    f"{name}_analytic": {k: round(gib(v), 3) for k, v in
-                                         stats["analytic"].items()}})
-      rows.append(row)
-      print(row, flush=True)
+                                 weight_dtype=weight_dtype, remat=_REMAT.value,
+                                 scan_layers=_SCAN.value, attention_chunk=_ATTENTION_CHUNK.value)
+    t0 = time.perf_counter()
+    rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)
+    rl = memory.rl_step_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,
+                               _NEW_TOKENS.value, mesh=mesh)
+    gib = lambda b: b / memory.GiB
+    row = {"preset": preset, "weight_dtype": weight_dtype,
+           "mesh": "x".join(map(str, shape)) if shape else "1",
+           "lora_rank": rank or "full",
+           "rm_trainable_params": rm["trainable_params"], "rm_total_params": rm["total_params"],
+           "rm_step_peak_gib": gib(rm["peak_bytes"]),
+           "rl_trainable_params": rl["trainable_params"],
+           "rl_step_total_gib": gib(rl["total_bytes"]),
+           "compile_s": time.perf_counter() - t0}
+    for name, stats in (("rm", rm), ("rl", rl)):  # the breakdown, per device
+      row.update({f"{name}_weights_gib": gib(stats["weights_bytes"]),
+                  f"{name}_optimizer_gib": gib(stats["optimizer_bytes"]),
+                  f"{name}_adapter_gib": gib(stats["adapter_bytes"]),
+                  f"{name}_temp_gib": gib(stats["temp_bytes"]),
+                  f"{name}_largest": "; ".join(stats["largest_buffers"][:3]),
+                  f"{name}_analytic_gib": gib(stats["analytic"]["total"]),
+                  f"{name}_analytic": {k: round(gib(v), 3) for k, v in
+                                       stats["analytic"].items()}})
+    rows.append(row)
+    print(row, flush=True)
   for row in rows:
     full = next((r for r in rows if r["preset"] == row["preset"] and r["lora_rank"] == "full"),
                 None)
@@ -101,21 +108,23 @@ def main(argv):
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  lines = ["| preset | mesh | LoRA rank | RM trainable % | RM step GiB | RM vs full | RL step GiB | "
-           "RL vs full |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| preset | weights | mesh | LoRA rank | RM trainable % | RM step GiB | RM vs full | "
+           "RL step GiB | RL vs full |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['preset']} | {r['mesh']} | {r['lora_rank']} | "
+    lines.append(f"| {r['preset']} | {r['weight_dtype']} | {r['mesh']} | {r['lora_rank']} | "
                  f"{100 * r['rm_trainable_params'] / r['rm_total_params']:.3f} | "
                  f"{r['rm_step_peak_gib']:.1f} | {r['rm_vs_full']:.2f} | "
                  f"{r['rl_step_total_gib']:.1f} | {r['rl_vs_full']:.2f} |")
   lines += ["", "Breakdown (GiB). weights, optimizer, adapters and analytic (memory.analytic_bytes)"
             " count the whole model, unsharded; the XLA columns are per device of --mesh:", "",
-            "| preset | rank | step | weights | optimizer | adapters | XLA temporaries | XLA peak "
-            "| analytic | largest buffers |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| preset | weights | rank | step | weights GiB | optimizer | adapters | XLA "
+            "temporaries | XLA peak | analytic | largest buffers |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     for name in ("rm", "rl"):
       peak = r["rm_step_peak_gib"] if name == "rm" else r["rl_step_total_gib"]
-      lines.append(f"| {r['preset']} | {r['lora_rank']} | {name} | {r[f'{name}_weights_gib']:.2f} "
+      lines.append(f"| {r['preset']} | {r['weight_dtype']} | {r['lora_rank']} | {name} | "
+                   f"{r[f'{name}_weights_gib']:.2f} "
                    f"| {r[f'{name}_optimizer_gib']:.3f} | {r[f'{name}_adapter_gib']:.4f} "
                    f"| {r[f'{name}_temp_gib']:.2f} | {peak:.2f} "
                    f"| {r[f'{name}_analytic_gib']:.2f} | {r[f'{name}_largest']} |")

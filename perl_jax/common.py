@@ -44,7 +44,8 @@ def _describe_checkpoint(path: str):
 def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
   """The architecture: config.model.checkpoint's when set, else config.model.preset's."""
   m = config.model
-  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, weight_dtype=m.weight_dtype,
+                   remat=m.remat,
                    remat_policy=m.remat_policy, scan_layers=m.scan_layers,
                    logprob_chunk_tokens=m.logprob_chunk_tokens,
                    attention_chunk=m.attention_chunk)

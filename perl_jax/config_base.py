@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
       preset="demo",  # a key of perl_jax.model.PRESETS
       dtype="float32",  # compute dtype
       param_dtype="float32",  # backbone storage dtype
+      # Storage of the frozen backbone's projection kernels (attention q/k/v/o and MLP) in the
+      # reward, prefs and rl stages: "" = param_dtype; "bfloat16" / "float32"; "int8" (per
+      # output channel scales) or "nf4" (4-bit NormalFloat, blocks of 64, bf16 scales),
+      # dequantised inside each matmul (perl_jax.quant). Released checkpoints are quantised
+      # tensor by tensor as they load. Quantised weights need LoRA (lora.rank > 0); SFT trains
+      # in param_dtype.
+      weight_dtype="",
       remat=False,  # rematerialise layers in the backward pass (recompute, don't store)
       # What remat keeps: a jax.checkpoint_policies name ("nothing_saveable": each layer's
       # input only; "dots_saveable": matmul outputs too, less recompute, more memory).

@@ -59,14 +59,28 @@ class LoRAProjection(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
+  # "" (a float kernel in param_dtype) or a perl_jax.quant format: the kernel is then stored as
+  # codes + `scale` and dequantised here, inside the matmul. Such a model is initialised through
+  # its float twin (model.init_variables), so the zeros below are never used as weights.
+  weight_format: str = ""
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     n_in = len(self.in_shape)
     fan_in = math.prod(self.in_shape)
-    init = lambda rng, shape, dtype: self.kernel_init(rng, (fan_in, math.prod(self.out_shape)),
-                                                      dtype).reshape(shape)
-    kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
+    shape = self.in_shape + self.out_shape
+    if self.weight_format:
+      from perl_jax import quant
+      codes_shape, scale_shape = quant.stored_shapes(shape, self.weight_format, n_in)
+      codes = self.param("kernel", nn.initializers.zeros, codes_shape,
+                         jnp.int8 if self.weight_format == "int8" else jnp.uint8)
+      scale = self.param("scale", nn.initializers.zeros, scale_shape,
+                         quant.SCALE_DTYPES[self.weight_format])
+      kernel = quant.dequantize(codes, scale, self.weight_format, n_in, self.dtype)
+    else:
+      init = lambda rng, shape, dtype: self.kernel_init(
+          rng, (fan_in, math.prod(self.out_shape)), dtype).reshape(shape)
+      kernel = self.param("kernel", init, shape, self.param_dtype)
     y = _contract(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     if self.lora is None:
       return y

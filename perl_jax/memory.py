@@ -7,6 +7,7 @@ copy of the weights per trained role, Adam states for each.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -70,10 +71,11 @@ def largest_buffers(hlo_text: str, top: int = 4) -> list[str]:
 
 def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, trainable: int,
                    total: int, passes: int = 1, logit_tokens: int = 0,
-                   full_copies: int = 0) -> dict:
+                   full_copies: int = 0, weights_bytes: int | None = None) -> dict:
   """A count by hand of one train step's memory on an accelerator (bf16 matmuls native).
 
-  weights: the backbone in param_dtype (plus `full_copies` trained copies under full tuning);
+  weights: the backbone in param_dtype (plus `full_copies` trained copies under full tuning),
+  or `weights_bytes` when given (a quantised backbone: its codes and scales);
   optimizer: f32 Adam moments (train.in_float32) and the gradient in the trainable leaves'
   dtype (f32 adapters; param_dtype under full tuning); saved: the layer
   inputs that scan + remat keeps for the backward pass, per differentiated forward (`passes`);
@@ -85,7 +87,8 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
   param = jnp.dtype(cfg.param_dtype).itemsize
   tokens = sequences * seq_len
   grad = 4 if full_copies == 0 else param  # f32 adapters; full tuning: gradients as the weights
-  out = {"weights": total * param, "optimizer": trainable * (8 + grad),
+  out = {"weights": total * param if weights_bytes is None else weights_bytes,
+         "optimizer": trainable * (8 + grad),
          "saved": passes * cfg.num_layers * tokens * cfg.d_model * act,
          "layer": (3 * sequences * cfg.num_heads * seq_len * seq_len * 4
                    + 6 * tokens * cfg.mlp_dim * act),
@@ -127,14 +130,27 @@ def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: 
   step = train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1)
   stats = _compiled_stats(step, state, frozen, batch, mesh)
   stats.update(trainable_params=lora_lib.count_params(trainable),
-               total_params=lora_lib.count_params(variables),
+               total_params=_logical_params(cfg, lora_rank, targets, score_head=True),
                weights_bytes=_bytes(variables), optimizer_bytes=_bytes(state["opt_state"]),
                adapter_bytes=_bytes(variables.get(lora_lib.ADAPTER, {})))
   stats["analytic"] = analytic_bytes(cfg, 2 * batch_pairs, seq_len, stats["trainable_params"],
                                      stats["total_params"] - (stats["trainable_params"]
                                                               if lora_rank else 0),
-                                     full_copies=0 if lora_rank else 1)
+                                     full_copies=0 if lora_rank else 1,
+                                     weights_bytes=_quantized_weights(cfg, variables))
   return stats
+
+
+def _logical_params(cfg, lora_rank, targets, score_head=False) -> int:
+  """Parameters of the model as floats (a quantised kernel counts its weights, not its codes)."""
+  float_cfg = dataclasses.replace(cfg, weight_dtype="")
+  return model_lib.param_counts(model_lib.build(float_cfg, lora_rank, lora_targets=targets),
+                                score_head)["total"]
+
+
+def _quantized_weights(cfg, variables) -> int | None:
+  """The stored backbone's bytes when its kernels are quantised (None: analytic_bytes counts)."""
+  return _bytes(variables["params"]) if cfg.weight_dtype in ("int8", "nf4") else None
 
 
 def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, prompt_len: int,
@@ -187,12 +203,12 @@ def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, pr
                weights_bytes=_bytes(frozen) + (_bytes(trainable) if full else 0),
                optimizer_bytes=_bytes(state["opt_state"]),
                adapter_bytes=0 if full else _bytes(trainable))
-  backbone_params = lora_lib.count_params(backbone)
+  backbone_params = _logical_params(cfg, 0, targets)
   passes = 2 if algorithm != "rloo" else 1  # policy log-probs, value scores
   # Full RLHF: anchor + trained policy and value copies + the reward model copy.
   stats["analytic"] = analytic_bytes(
       cfg, episodes, seq, stats["trainable_params"],
       backbone_params * (4 if full else 1), passes,
       logit_tokens=logprobs_lib.chunk_tokens_for(cfg.vocab_size, cfg.logprob_chunk_tokens),
-      full_copies=2 if full else 0)
+      full_copies=2 if full else 0, weights_bytes=_quantized_weights(cfg, {"params": backbone}))
   return stats

@@ -64,6 +64,9 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # storage dtype of the backbone
+  # Storage of the frozen projection kernels (attention q/k/v/o, MLP): "" = param_dtype,
+  # "float32"/"bfloat16", or "int8"/"nf4" (perl_jax.quant: dequantised inside each matmul).
+  weight_dtype: str = ""
   remat: bool = False  # rematerialise each layer in the backward pass
   # What a rematerialised layer keeps for the backward pass: a name in jax.checkpoint_policies
   # ("nothing_saveable": only the layer's input; "dots_saveable": matmul outputs too, ...).
@@ -227,8 +230,12 @@ class _Lora(nn.Module):
 
   def proj(self, name, in_shape, out_shape):
     spec = self.lora if f"{self.prefix}/{name}" in self.lora_targets else None
-    return lora_lib.LoRAProjection(in_shape, out_shape, spec, dtype=jnp.dtype(self.cfg.dtype),
-                                   param_dtype=jnp.dtype(self.cfg.param_dtype), name=name)
+    weight = self.cfg.weight_dtype
+    quantized = weight in ("int8", "nf4")
+    return lora_lib.LoRAProjection(
+        in_shape, out_shape, spec, dtype=jnp.dtype(self.cfg.dtype),
+        param_dtype=jnp.dtype(weight if weight and not quantized else self.cfg.param_dtype),
+        weight_format=weight if quantized else "", name=name)
 
 
 class Attention(_Lora):
@@ -535,7 +542,15 @@ def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
   """{"params": backbone, "adapter": LoRA (+ score head)} for `model`.
 
   A scanned model gets its unrolled twin's values, stacked: the same seed gives the same weights
-  in either layout (a run's numbers do not depend on model.scan_layers)."""
+  in either layout (a run's numbers do not depend on model.scan_layers). A quantised model gets
+  its float twin's values, quantised (perl_jax.quant)."""
+  if model.cfg.weight_dtype in ("int8", "nf4"):
+    from perl_jax import quant
+    twin = Transformer(dataclasses.replace(model.cfg, weight_dtype=""), model.lora,
+                       model.lora_targets)
+    variables = init_variables(twin, rng, batch, length, score_head)
+    return {**variables, "params": quant.store_params(variables["params"],
+                                                      model.cfg.weight_dtype)}
   if model.cfg.scan_layers:
     twin = Transformer(dataclasses.replace(model.cfg, scan_layers=False), model.lora,
                        frozenset(f"layer_{i}/{path.split('/', 1)[1]}" for path in model.lora_targets

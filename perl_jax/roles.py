@@ -14,6 +14,7 @@ Log-probs never build [B, T, V] logits (perl_jax.logprobs computes them in seque
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -25,6 +26,7 @@ from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import logprobs as logprobs_lib
 from perl_jax import model as model_lib
+from perl_jax import quant
 from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
 from perl_jax.data import batching
@@ -60,10 +62,30 @@ def new_backbone(model: model_lib.Transformer, seed: int, mesh) -> dict:
   return _create(model, seed, mesh, "params", False)
 
 
+def float_twin(model: model_lib.Transformer) -> model_lib.Transformer:
+  """`model` with its projection kernels in param_dtype (what SFT trains and saves)."""
+  cfg = dataclasses.replace(model.cfg, weight_dtype="")
+  return model_lib.Transformer(cfg, model.lora, model.lora_targets)
+
+
+def store_backbone(params: dict, model: model_lib.Transformer, mesh) -> dict:
+  """A float backbone with its projection kernels stored as model.cfg.weight_dtype (int8 / nf4
+  quantised, perl_jax.quant), on device and on the kernels' shardings."""
+  weight_dtype = model.cfg.weight_dtype
+  if not weight_dtype:
+    return params
+  store = lambda p: quant.store_params(p, weight_dtype)
+  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, params), mesh)
+  return jax.jit(store, out_shardings=shardings)(params)
+
+
 def load_backbone(sft_dir: str, model: model_lib.Transformer, mesh) -> dict:
-  """The backbone a finished SFT stage saved in `sft_dir/backbone`, restored onto `mesh`."""
-  return checkpoint_lib.load_tree(os.path.join(sft_dir, "backbone"),
-                                  sharded_abstract(abstract_variables(model)["params"], mesh))
+  """The backbone a finished SFT stage saved in `sft_dir/backbone`, restored onto `mesh` (and
+  stored as model.cfg.weight_dtype)."""
+  params = checkpoint_lib.load_tree(
+      os.path.join(sft_dir, "backbone"),
+      sharded_abstract(abstract_variables(float_twin(model))["params"], mesh))
+  return store_backbone(params, model, mesh)
 
 
 def sharded_abstract(abstract, mesh):
@@ -72,12 +94,15 @@ def sharded_abstract(abstract, mesh):
                       abstract, sharding_lib.tree_shardings(abstract, mesh))
 
 
-def load_released(config: ml_collections.ConfigDict, mesh) -> dict:
-  """The params of config.model.checkpoint, streamed onto `mesh` as model.param_dtype, in the
-  model's layout (stacked when model.scan_layers)."""
+def load_released(config: ml_collections.ConfigDict, mesh, weight_dtype: str | None = None
+                  ) -> dict:
+  """The params of config.model.checkpoint, streamed onto `mesh` as model.param_dtype with the
+  projection kernels as `weight_dtype` (default model.weight_dtype; quantised as they are
+  read), in the model's layout (stacked when model.scan_layers)."""
   from perl_jax import checkpoints
+  weight_dtype = config.model.weight_dtype if weight_dtype is None else weight_dtype
   cfg, params, _ = checkpoints.load_checkpoint(config.model.checkpoint, mesh,
-                                               config.model.param_dtype)
+                                               config.model.param_dtype, weight_dtype)
   if not config.model.scan_layers:
     return params
   abstract = jax.eval_shape(lambda p: model_lib.stack_layers(p, cfg.num_layers), params)

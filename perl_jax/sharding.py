@@ -102,6 +102,11 @@ PARAM_RULES = (
     (r"mlp/(gate|up)/lora_b$", (None, "mlp")),
     (r"mlp/down/lora_a$", ("mlp", None)),
     (r"mlp/down/lora_b$", (None, "embed")),
+    # Scales of quantised kernels (perl_jax.quant) have their kernel's rank and sharding.
+    (r"attn/(q|k|v)/scale$", ("embed", "heads", None)),
+    (r"attn/o/scale$", ("heads", None, "embed")),
+    (r"mlp/(gate|up)/scale$", ("embed", "mlp")),
+    (r"mlp/down/scale$", ("mlp", "embed")),
     (r"(scale|score_head/kernel|score_head/bias)$", None),  # small: replicated
     (r"(^|/)(count|step|mu|nu)$|^step$", None),  # optimizer counters and scalars
 )

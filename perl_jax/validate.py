@@ -79,6 +79,12 @@ def _model(p: _Problems, config) -> None:
     p.choice(m.preset, "model.preset", sorted(model_lib.PRESETS))
   p.choice(m.dtype, "model.dtype", DTYPES)
   p.choice(m.param_dtype, "model.param_dtype", DTYPES)
+  p.choice(m.weight_dtype, "model.weight_dtype", ("",) + tuple(DTYPES) + ("int8", "nf4"))
+  frozen_stages = set(config.stages) & {"prefs", "reward", "rl"}
+  if m.weight_dtype in ("int8", "nf4") and frozen_stages:
+    p.need(isinstance(config.lora.rank, int) and config.lora.rank > 0, "model.weight_dtype",
+           f"{m.weight_dtype} stores a frozen backbone: it needs LoRA (lora.rank > 0), not full "
+           f"fine-tuning (lora.rank=0)")
   policies = [k for k in dir(jax.checkpoint_policies) if not k.startswith("_")]
   p.need(m.remat_policy in policies, "model.remat_policy",
          f"must name a jax.checkpoint_policies policy such as 'nothing_saveable' or "

@@ -2,7 +2,7 @@
 
 The stages give the curves and results of 1 process x 8 devices; a checkpoint the 2 processes
 wrote restores in 1 process on another mesh and continues identically; a killed process makes
-the other stop with an error naming it, and rerunning the command resumes.
+the other stop on its own, the launcher names it, and a rerun resumes.
 """
 import json
 import os
@@ -128,3 +128,24 @@ def test_multiprocess_runs_equal_one_process_survive_a_kill_and_resume_on_anothe
   resumed = json.load(open(os.path.join(killed, "summary.json")))["stages"]["reward"]
   for key in ("eval_accuracy", "eval_loss", "train_loss", "best_eval_accuracy"):
     np.testing.assert_allclose(resumed[key], stages_one["reward"][key], rtol=1e-5, atol=1e-5)
+
+
+def test_multiprocess_launcher_names_the_failed_process_and_kills_a_hung_one(monkeypatch, tmp_path):
+  """launch.multiprocess without JAX: process 1 fails, process 0 hangs; after grace_s the
+  launcher kills it and returns process 1's exit code."""
+  script = tmp_path / "child.py"
+  script.write_text("import sys, time\nif sys.argv[1] == '1':\n  print('failing', flush=True)\n"
+                    "  sys.exit(7)\ntime.sleep(600)\n")
+  monkeypatch.setattr(multiprocess, "process_command",
+                      lambda args, index, count, port, heartbeat: [sys.executable, str(script),
+                                                                  str(index)])
+  import io
+  out = io.StringIO()
+  t0 = time.time()
+  assert multiprocess.run([], processes=2, grace_s=1.0, out=out) == 7
+  assert time.time() - t0 < 30
+  text = out.getvalue()
+  assert "[p1] failing" in text
+  assert "process 1 exited with code 7; waiting up to 1s" in text
+  assert "process 0 still running 1s after process 1 failed: killing it" in text
+  assert "FAILED: process 1 exited with code 7 first" in text

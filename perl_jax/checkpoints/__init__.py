@@ -41,8 +41,25 @@ SPECIAL_TOKENS = "special_tokens.json"
 HF_CONFIG = "hf_config.json"  # the source config.json, kept as the base of a later HF export
 
 
-def load_checkpoint(path: str, mesh=None, dtype: str | None = "float32"
+def load_checkpoint(path: str, mesh=None, dtype: str | None = "float32", weight_dtype: str = ""
                     ) -> tuple[model_lib.ModelConfig, dict, tokenizer_lib.Tokenizer | None]:
+  """`_load_checkpoint`, with the projection kernels stored as `weight_dtype` (perl_jax.quant):
+  transformers and GGUF checkpoints are quantised tensor by tensor as they are read, the other
+  sources after loading (on device)."""
+  cfg, params, tokenizer = _load_checkpoint(path, mesh, dtype, weight_dtype)
+  if cfg.weight_dtype == weight_dtype:
+    return cfg, params, tokenizer
+  from perl_jax import quant
+  from perl_jax import sharding as sharding_lib
+  mesh = mesh or hf.default_mesh()
+  store = lambda p: quant.store_params(p, weight_dtype)
+  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, params), mesh)
+  return (dataclasses.replace(cfg, weight_dtype=weight_dtype),
+          jax.jit(store, out_shardings=shardings)(params), tokenizer)
+
+
+def _load_checkpoint(path: str, mesh=None, dtype: str | None = "float32", weight_dtype: str = ""
+                     ) -> tuple[model_lib.ModelConfig, dict, tokenizer_lib.Tokenizer | None]:
   """(ModelConfig, backbone params on `mesh` stored as `dtype`, tokenizer or None) of `path`.
 
   Args:
@@ -58,7 +75,7 @@ def load_checkpoint(path: str, mesh=None, dtype: str | None = "float32"
     if os.path.exists(os.path.join(path, MODEL_CONFIG)):
       return load_converted(path, mesh, dtype)
     if os.path.exists(os.path.join(path, "config.json")):
-      cfg, params = hf.load(path, mesh, dtype)
+      cfg, params = hf.load(path, mesh, dtype, weight_dtype)
       return cfg, params, hf.load_tokenizer(path)
     from perl_jax.checkpoints import gemma_flax
     if gemma_flax.is_gemma_flax(path):
@@ -67,11 +84,11 @@ def load_checkpoint(path: str, mesh=None, dtype: str | None = "float32"
                             f"{MODEL_CONFIG} (converted) nor an official Gemma Flax param tree")
   if os.path.isfile(path):
     if path.endswith(".gguf"):
-      return gguf_lib.load(path, mesh, dtype)
+      return gguf_lib.load(path, mesh, dtype, weight_dtype=weight_dtype)
     raise ValueError(f"{path}: only .gguf files can be loaded directly; pass a transformers "
                      f"checkpoint dir for safetensors")
   if path in gguf_lib.PACKAGES:
-    return gguf_lib.load(gguf_lib.package_path(path), mesh, dtype)
+    return gguf_lib.load(gguf_lib.package_path(path), mesh, dtype, weight_dtype=weight_dtype)
   raise FileNotFoundError(f"no checkpoint at {path!r}: expected a transformers dir, a .gguf "
                           f"file, a converted dir or one of the GGUF packages "
                           f"{sorted(gguf_lib.PACKAGES)}")

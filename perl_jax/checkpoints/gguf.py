@@ -14,6 +14,8 @@ hard-codes them and so does this loader (head_dim, 10k, every 2nd / 6th layer gl
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import importlib
 import os
@@ -154,7 +156,8 @@ def describe(path: str, dtype: str = "float32", tokenizer_path: str | None = Non
           tokenizer_from_reader(reader, path, tokenizer_path))
 
 
-def load(path: str, mesh=None, dtype: str = "float32", tokenizer_path: str | None = None
+def load(path: str, mesh=None, dtype: str = "float32", tokenizer_path: str | None = None,
+         weight_dtype: str = ""
          ) -> tuple[model_lib.ModelConfig, dict, tokenizer_lib.Tokenizer | None]:
   """(ModelConfig, params, tokenizer or None) of a .gguf file, params dequantised to `dtype` and
   placed on `mesh`; the tokenizer is written to `tokenizer_path` (see `tokenizer_from_reader`)."""
@@ -182,8 +185,9 @@ def load(path: str, mesh=None, dtype: str = "float32", tokenizer_path: str | Non
       weight = _unpermute(weight, cfg.num_kv_heads)
     return weight
 
-  params = hf.place_tensors(cfg, names, found, read, mesh, path)
-  return cfg, params, tokenizer_from_reader(reader, path, tokenizer_path)
+  params = hf.place_tensors(cfg, names, found, read, mesh, path, weight_dtype)
+  return (dataclasses.replace(cfg, weight_dtype=weight_dtype), params,
+          tokenizer_from_reader(reader, path, tokenizer_path))
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -344,7 +344,8 @@ def check_names(found: dict[str, str], expected: Iterable[str], source: str,
 
 
 def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict[str, str],
-                  read: Callable[[str], np.ndarray], mesh=None, source: str = "") -> dict:
+                  read: Callable[[str], np.ndarray], mesh=None, source: str = "",
+                  weight_dtype: str = "") -> dict:
   """Builds the params tree one tensor at a time, each placed straight onto its sharding.
 
   Args:
@@ -353,10 +354,13 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
     found: source tensor name -> the file holding it (for error messages).
     read: source tensor name -> numpy array in HF layout (only called once per tensor).
     mesh: where params go (default: the first device); shardings follow sharding.PARAM_RULES.
+    weight_dtype: how projection kernels are stored (perl_jax.quant.store_kernel): quantised
+      formats are quantised here on the host, one tensor at a time.
   """
+  from perl_jax import quant
   from perl_jax.progress import Progress
   mesh = mesh or default_mesh()
-  abstract = abstract_params(cfg)
+  abstract = abstract_params(dataclasses.replace(cfg, weight_dtype=""))
   flat = {}
   progress = Progress("checkpoint", f"loading {os.path.basename(source) or 'weights'}:",
                       len(names), "tensors")
@@ -367,7 +371,9 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
     if tuple(array.shape) != expected:
       raise ValueError(f"{found.get(name, source)}: tensor {name} has shape {tuple(array.shape)}, "
                        f"expected {expected} (perl_jax {path} {tuple(want.shape)})")
-    flat[path] = put(to_perl(path, array, want.shape), path, want.dtype, mesh)
+    stored = quant.store_kernel(np.asarray(to_perl(path, array, want.shape), want.dtype), path,
+                                weight_dtype)
+    flat.update({p: put(v, p, v.dtype, mesh) for p, v in stored.items()})
     del array
     progress.update(len(flat))
   return traverse_util.unflatten_dict(flat, sep="/")
@@ -406,9 +412,10 @@ def read_config(directory: str) -> dict:
     return json.load(f)
 
 
-def load(directory: str, mesh=None, dtype: str = "float32"
+def load(directory: str, mesh=None, dtype: str = "float32", weight_dtype: str = ""
          ) -> tuple[model_lib.ModelConfig, dict]:
-  """(ModelConfig, params) of a transformers checkpoint dir, params in `dtype` on `mesh`."""
+  """(ModelConfig, params) of a transformers checkpoint dir, params in `dtype` on `mesh`
+  (projection kernels as `weight_dtype`, see place_tensors)."""
   from safetensors import safe_open
   cfg = config_from_hf(read_config(directory), param_dtype=jnp.dtype(dtype).name)
   found = _tensor_files(directory)
@@ -424,8 +431,8 @@ def load(directory: str, mesh=None, dtype: str = "float32"
         handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
       return handles[file].get_tensor(name)
 
-    params = place_tensors(cfg, names, found, read, mesh, directory)
-  return cfg, params
+    params = place_tensors(cfg, names, found, read, mesh, directory, weight_dtype)
+  return dataclasses.replace(cfg, weight_dtype=weight_dtype), params
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -1,0 +1,161 @@
+"""Quantised storage of the frozen backbone's projection kernels: int8 and 4-bit NF4.
+
+In PERL the backbone never changes, so its projection kernels (attention q/k/v/o, MLP
+gate/up/down) can be stored in 8 or 4 bits and dequantised inside each matmul; LoRA adapters,
+heads, norms, embeddings and optimizer state keep their float dtypes.
+
+  int8  symmetric, one scale per output channel: kernel ~ codes * scale, codes in [-127, 127],
+        scale = max |w| over the contraction axes / 127 (f32).
+  nf4   QLoRA's NormalFloat4: blocks of 64 along the last contraction axis (fewer when that
+        axis is shorter, see nf4_block), each scaled by its absmax (bf16) and rounded to the
+        nearest of 16 normal quantiles; two codes per byte.
+
+A kernel of shape in_shape + out_shape (with a leading layer axis when layers are stacked)
+becomes two leaves beside each other: `kernel` (int8, or uint8 with the last contraction axis
+halved) and `scale` (the kernel's shape with the contraction axes reduced to 1 for int8, or the
+last one divided by the block length for nf4). Both keep the kernel's rank, so the kernel's sharding rule
+shards them the same way (perl_jax.sharding), and an NF4 block never straddles two shards.
+
+The functions take numpy or jax.numpy arrays (`xp`): checkpoint loaders quantise each tensor on
+the host as it is read, jitted code quantises an SFT or random backbone on device.
+"""
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = ("int8", "nf4")
+NF4_BLOCK = 64
+# QLoRA's NF4 code values (Dettmers et al. 2023, appendix E), in increasing order.
+NF4_VALUES = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+_NF4_MIDPOINTS = (NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2
+SCALE_DTYPES = {"int8": np.float32, "nf4": jnp.bfloat16}
+
+# Projection kernels and how many contraction axes each has (the rest are outputs).
+_PROJECTION = re.compile(r"(^|/)(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$")
+
+
+def check_format(fmt: str) -> None:
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown weight format {fmt!r}; quantised formats are {FORMATS}")
+
+
+def contraction_axes(path: str) -> int | None:
+  """How many leading (contraction) axes the kernel at `path` has, None if it is not a
+  projection kernel that is quantised."""
+  match = _PROJECTION.search(path)
+  if not match:
+    return None
+  return 2 if match.group(2) == "attn/o" else 1
+
+
+def _xp(x):
+  return np if isinstance(x, np.ndarray) else jnp
+
+
+def stored_shapes(shape: tuple, fmt: str, n_in: int, n_lead: int = 0) -> tuple[tuple, tuple]:
+  """(codes shape, scale shape) of a kernel of `shape` (n_lead leading layer axes, then n_in
+  contraction axes)."""
+  check_format(fmt)
+  shape, last = tuple(shape), n_lead + n_in - 1
+  if fmt == "int8":
+    return shape, shape[:n_lead] + (1,) * n_in + shape[n_lead + n_in:]
+  block = nf4_block(shape[last], shape)
+  return (shape[:last] + (shape[last] // 2,) + shape[last + 1:],
+          shape[:last] + (shape[last] // block,) + shape[last + 1:])
+
+
+def nf4_block(size: int, shape: tuple = ()) -> int:
+  """NF4 block length along a contraction axis of `size`: 64, or for a smaller axis (a tiny
+  model's head_dim) the largest even divisor of it up to 64."""
+  block = next((b for b in range(NF4_BLOCK, 1, -2) if size % b == 0), None)
+  if block is None:
+    raise ValueError(f"nf4 needs an even last contraction axis, got {size} (kernel shape "
+                     f"{shape}): use int8 for this model")
+  return block
+
+
+def quantize(kernel, fmt: str, n_in: int, n_lead: int = 0):
+  """(codes, scale) of a float kernel; see the module docstring for their layouts."""
+  check_format(fmt)
+  xp = _xp(kernel)
+  w = kernel.astype(xp.float32)
+  if fmt == "int8":
+    axes = tuple(range(n_lead, n_lead + n_in))
+    scale = (xp.max(xp.abs(w), axis=axes, keepdims=True) * (1 / 127)).astype(SCALE_DTYPES[fmt])
+    safe = xp.where(scale == 0, 1, scale.astype(xp.float32))
+    codes = xp.clip(xp.round(w / safe), -127, 127).astype(xp.int8)
+    return codes, scale
+  last = n_lead + n_in - 1
+  block = nf4_block(w.shape[last], w.shape)
+  blocks = w.reshape(w.shape[:last] + (w.shape[last] // block, block) + w.shape[last + 1:])
+  scale = xp.max(xp.abs(blocks), axis=last + 1).astype(SCALE_DTYPES[fmt])
+  safe = xp.where(scale == 0, 1, scale.astype(xp.float32))
+  normalized = blocks / xp.expand_dims(safe, last + 1)
+  index = xp.searchsorted(xp.asarray(_NF4_MIDPOINTS), normalized).astype(xp.uint8)
+  pairs = index.reshape(index.shape[:last + 1] + (block // 2, 2) + index.shape[last + 2:])
+  low = xp.take(pairs, 0, axis=last + 2)
+  high = xp.take(pairs, 1, axis=last + 2)
+  packed = (low | (high << 4)).astype(xp.uint8)
+  codes = packed.reshape(w.shape[:last] + (w.shape[last] // 2,) + w.shape[last + 1:])
+  return codes, scale
+
+
+def dequantize(codes, scale, fmt: str, n_in: int, dtype=jnp.float32, n_lead: int = 0):
+  """The float kernel `codes` and `scale` stand for, in `dtype`."""
+  check_format(fmt)
+  xp = _xp(codes)
+  if fmt == "int8":
+    return (codes.astype(xp.float32) * scale.astype(xp.float32)).astype(dtype)
+  last = n_lead + n_in - 1
+  shape, num_blocks = codes.shape, scale.shape[last]
+  block = shape[last] * 2 // num_blocks
+  blocks = codes.reshape(shape[:last] + (num_blocks, block // 2) + shape[last + 1:])
+  index = xp.stack([blocks & 15, blocks >> 4], axis=last + 2)
+  index = index.reshape(shape[:last] + (num_blocks, block) + shape[last + 1:])
+  values = xp.asarray(NF4_VALUES)[index.astype(xp.int32)]
+  values = values * xp.expand_dims(scale.astype(xp.float32), last + 1)
+  return values.reshape(shape[:last] + (shape[last] * 2,) + shape[last + 1:]).astype(dtype)
+
+
+def is_quantized(weight_dtype: str) -> bool:
+  return weight_dtype in FORMATS
+
+
+def store_kernel(value, path: str, weight_dtype: str) -> dict:
+  """{path: stored kernel} or {path: codes, <path>/../scale: scales} of one kernel (any other
+  leaf is returned as it is). weight_dtype: "" (as it is), "float32"/"bfloat16" (cast
+  projection kernels) or a quantised format."""
+  n_in = contraction_axes(path) if weight_dtype else None
+  if n_in is None:
+    return {path: value}
+  if not is_quantized(weight_dtype):
+    return {path: value.astype(weight_dtype)}
+  n_lead = 1 if re.search(r"(^|/)layers/", path) else 0
+  codes, scale = quantize(value, weight_dtype, n_in, n_lead)
+  return {path: codes, path[:-len("kernel")] + "scale": scale}
+
+
+def store_params(params: dict, weight_dtype: str) -> dict:
+  """A float backbone tree with its projection kernels stored as `weight_dtype` (see
+  store_kernel); pure, so under jit it runs on device on each kernel's sharding."""
+  if not weight_dtype:
+    return params
+  from flax import traverse_util
+  out = {}
+  for path, value in traverse_util.flatten_dict(params, sep="/").items():
+    out.update(store_kernel(value, path, weight_dtype))
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def quantized_bytes(shape: tuple, fmt: str, n_in: int) -> int:
+  """Bytes of a kernel of `shape` stored in `fmt`: one byte per code (nf4: per two codes, the
+  codes shape is halved) plus the scales."""
+  codes, scale = stored_shapes(shape, fmt, n_in)
+  return int(np.prod(codes)) + int(np.prod(scale)) * np.dtype(SCALE_DTYPES[fmt]).itemsize

@@ -1,0 +1,153 @@
+"""Quantised frozen backbones (perl_jax.quant): int8 and NF4 kernels under LoRA."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perl_jax import lora as lora_lib
+from perl_jax import model as model_lib
+from perl_jax import quant
+from perl_jax import reward as reward_lib
+from perl_jax import sharding as sharding_lib
+from perl_jax import train as train_lib
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("shape,n_in,n_lead", [((128, 4, 32), 1, 0), ((4, 64, 96), 2, 0),
+                                               ((3, 256, 48), 1, 1), ((2, 4, 16, 64), 2, 1)])
+def test_quant_round_trip_error_is_bounded(fmt, shape, n_in, n_lead):
+  w = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 0.02
+  codes, scale = quant.quantize(w, fmt, n_in, n_lead)
+  assert (codes.shape, scale.shape) == quant.stored_shapes(shape, fmt, n_in, n_lead)
+  back = quant.dequantize(codes, scale, fmt, n_in, np.float32, n_lead)
+  # Each weight is within half a quantisation step of its group's scale: int8 steps are
+  # absmax / 127 per output channel; NF4's widest gap (-1 .. -0.696) is 0.304 x the block absmax.
+  contraction = tuple(range(n_lead, n_lead + n_in))
+  if fmt == "int8":
+    bound = np.max(np.abs(w), axis=contraction, keepdims=True) / 127 / 2
+  else:
+    last = n_lead + n_in - 1
+    block = quant.nf4_block(shape[last])
+    blocks = np.abs(w).reshape(shape[:last] + (shape[last] // block, block) + shape[last + 1:])
+    bound = np.repeat(blocks.max(axis=last + 1, keepdims=True), block, axis=last + 1).reshape(
+        shape) * 0.304 / 2
+  assert np.all(np.abs(back - w) <= bound * 1.01 + 1e-8)
+  relative = np.linalg.norm(back - w) / np.linalg.norm(w)
+  assert relative < {"int8": 0.01, "nf4": 0.11}[fmt], relative
+  # numpy (checkpoint loading, on the host) and jax.numpy (on device) give the same codes.
+  codes_jnp, scale_jnp = quant.quantize(jnp.asarray(w), fmt, n_in, n_lead)
+  np.testing.assert_array_equal(np.asarray(codes_jnp), codes)
+  np.testing.assert_allclose(np.asarray(scale_jnp, np.float32), np.asarray(scale, np.float32),
+                             rtol=1e-6)
+
+
+def test_quant_nf4_codes_are_the_nearest_normal_quantile():
+  block = np.linspace(-1, 1, 64, dtype=np.float32)[:, None]  # absmax 1: scale 1
+  codes, scale = quant.quantize(block, "nf4", 1)
+  values = quant.dequantize(codes, scale, "nf4", 1, np.float32)
+  nearest = quant.NF4_VALUES[np.argmin(np.abs(block - quant.NF4_VALUES[None, :]), axis=1)]
+  np.testing.assert_array_equal(values[:, 0], nearest)
+
+
+def _tiny(weight_dtype="", rank=4, scan=True):
+  cfg = model_lib.model_config("tiny-gemma3", vocab_size=256, scan_layers=scan,
+                               weight_dtype=weight_dtype)
+  return model_lib.build(cfg, rank)
+
+
+def _logits(model, variables, tokens):
+  mask = jnp.ones(tokens.shape, bool)
+  return model.apply(variables, tokens, model_lib.positions_from_mask(mask),
+                     model_lib.causal_mask(mask), logits=True)["logits"]
+
+
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.03), ("nf4", 0.5)])
+def test_quant_tiny_model_logits_follow_the_float_model(fmt, bound):
+  """A quantised model's init is its float twin's, quantised; its logits stay within a stated
+  bound of the float logits (relative to their scale), and equal the float model run on the
+  dequantised kernels exactly (the matmul sees exactly those weights)."""
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)))
+  float_model, quant_model = _tiny(), _tiny(fmt)
+  variables = model_lib.init_variables(float_model, jax.random.key(0))
+  quantized = model_lib.init_variables(quant_model, jax.random.key(0))
+  reference, out = _logits(float_model, variables, tokens), _logits(quant_model, quantized, tokens)
+  relative = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
+  assert 0 < relative < bound, relative
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(quantized["params"], sep="/")
+  dequantized = {}
+  for path, value in flat.items():
+    if path.endswith("/scale") and quant.contraction_axes(path[:-5] + "kernel"):
+      continue
+    n_in = quant.contraction_axes(path)
+    dequantized[path] = value if n_in is None else quant.dequantize(
+        value, flat[path[:-6] + "scale"], fmt, n_in, jnp.float32, n_lead=1)
+  same = _logits(float_model, {**variables, "params": traverse_util.unflatten_dict(
+      dequantized, sep="/")}, tokens)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(same), rtol=1e-5, atol=1e-5)
+
+
+def _reward_step(model, mesh):
+  variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
+  trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
+  optimizer = train_lib.make_optimizer(
+      __import__("perl_jax.memory", fromlist=["x"]).constant_adamw(1e-2), 10)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+           "opt_state": optimizer.init(trainable)}
+  step = train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1)
+  rng = np.random.default_rng(2)
+  batch = {"tokens": rng.integers(0, 256, (8, 2, 12)).astype(np.int32),
+           "input_mask": np.ones((8, 2, 12), bool), "label": np.ones(8, np.float32)}
+  step_fn, shardings, frozen_shardings = train_lib.sharded_train_step(step, mesh, state, frozen)
+  state = sharding_lib.put(state, shardings)
+  frozen = sharding_lib.put(frozen, frozen_shardings)
+  new_state, metrics = step_fn(state, frozen, sharding_lib.put_batch(batch, mesh),
+                               sharding_lib.put(jax.random.key(3), sharding_lib.replicated(mesh)))
+  return frozen, jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quant_gradients_reach_only_the_adapters_and_a_sharded_step_equals_one_device(fmt):
+  model = _tiny(fmt)
+  one = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  frozen, state, metrics = _reward_step(model, one)
+  assert metrics["grad_norm"] > 0 and np.isfinite(metrics["loss"])
+  assert set(state["trainable"]) == {lora_lib.ADAPTER}  # codes and scales are never trained
+  kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(frozen)
+             if jax.tree_util.keystr(p).endswith("['kernel']") and "attn" in jax.tree_util.keystr(p)]
+  assert kernels and all(k.dtype == (jnp.int8 if fmt == "int8" else jnp.uint8) for k in kernels)
+  # 8 devices, data x fsdp x tensor = 2 x 2 x 2: codes and scales sharded with their kernels.
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded_frozen, sharded_state, sharded_metrics = _reward_step(model, mesh)
+  q = sharded_frozen["params"]["layers"]["attn"]["q"]
+  # heads over "tensor" for both; the embed axis over "fsdp" where its length divides (the
+  # tiny model's single NF4 block of 64 inputs, and int8's per-channel scale, stay whole).
+  assert q["kernel"].sharding.spec[1:3] == ("fsdp", "tensor")
+  assert q["scale"].sharding.spec[2] == "tensor"
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(sharded_metrics[key], metrics[key], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               sharded_state["trainable"], state["trainable"])
+
+
+def test_quant_weights_need_lora_and_load_quantised_from_a_released_checkpoint(tmp_path):
+  from perl_jax import config_base
+  from perl_jax import errors
+  from perl_jax import validate
+  config = config_base.base_config()
+  config.model.weight_dtype = "nf4"
+  config.lora.rank = 0
+  with pytest.raises(errors.ConfigError, match="model.weight_dtype"):
+    validate.check(config, str(tmp_path / "run"))
+  # A released transformers checkpoint loads with its kernels quantised as they are read.
+  from test_released_checkpoint import _released
+  from perl_jax import checkpoints
+  directory, cfg, params = _released(tmp_path)
+  loaded_cfg, loaded, _ = checkpoints.load_checkpoint(directory, weight_dtype="int8")
+  assert loaded_cfg.weight_dtype == "int8"
+  q = loaded["layer_0"]["attn"]["q"]
+  assert q["kernel"].dtype == jnp.int8 and q["scale"].shape == (1,) + q["kernel"].shape[1:]
+  codes, scale = quant.quantize(np.asarray(params["layer_0"]["attn"]["q"]["kernel"]), "int8", 1)
+  np.testing.assert_array_equal(np.asarray(q["kernel"]), codes)
