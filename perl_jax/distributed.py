@@ -30,8 +30,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; else a no-op
   jax.distributed.initialize(coordinator_address=coordinator_address or None,
                              num_processes=num_processes, process_id=process_id,
-                             heartbeat_timeout_seconds=heartbeat_timeout_s,
-                             initialization_timeout=max(60, 2 * heartbeat_timeout_s))
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def is_primary() -> bool:
