@@ -251,8 +251,25 @@ def check_adapter_tree(expected, adapter, what: str = "adapter") -> None:
 
 
 def count_params(tree) -> int:
-  """Number of scalars in a tree of arrays or ShapeDtypeStructs."""
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+  """Number of weights in a tree of arrays or ShapeDtypeStructs. A quantised kernel
+  (perl_jax.quant: integer codes with a `scale` beside them) counts the weights it stands for:
+  two per uint8 (NF4 packs two codes in a byte), and its scales count none."""
+  total = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    name = path[-1].key if path and hasattr(path[-1], "key") else ""
+    if name == "kernel" and jnp.dtype(x.dtype) == jnp.uint8:
+      total += 2 * math.prod(x.shape)
+    elif not (name == "scale" and _beside_quantized_kernel(tree, path)):
+      total += math.prod(x.shape)
+  return total
+
+
+def _beside_quantized_kernel(tree, path) -> bool:
+  parent = tree
+  for key in path[:-1]:
+    parent = parent[key.key if hasattr(key, "key") else key.idx]
+  kernel = parent.get("kernel") if isinstance(parent, Mapping) else None
+  return kernel is not None and jnp.dtype(kernel.dtype) in (jnp.int8, jnp.uint8)
 
 
 def split_variables(variables: dict, full_finetune: bool) -> tuple[dict, dict]:

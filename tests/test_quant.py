@@ -73,6 +73,8 @@ def test_quant_tiny_model_logits_follow_the_float_model(fmt, bound):
   float_model, quant_model = _tiny(), _tiny(fmt)
   variables = model_lib.init_variables(float_model, jax.random.key(0))
   quantized = model_lib.init_variables(quant_model, jax.random.key(0))
+  # Parameter counts are of the weights a quantised kernel stands for (reports, trainable %).
+  assert lora_lib.count_params(quantized["params"]) == lora_lib.count_params(variables["params"])
   reference, out = _logits(float_model, variables, tokens), _logits(quant_model, quantized, tokens)
   relative = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
   assert 0 < relative < bound, relative
