@@ -26,6 +26,8 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from perl_jax import quant
+
 ADAPTER = "adapter"  # variable collection holding every trainable role-specific leaf
 
 
@@ -70,7 +72,6 @@ class LoRAProjection(nn.Module):
     fan_in = math.prod(self.in_shape)
     shape = self.in_shape + self.out_shape
     if self.weight_format:
-      from perl_jax import quant
       codes_shape, scale_shape = quant.stored_shapes(shape, self.weight_format, n_in)
       codes = self.param("kernel", nn.initializers.zeros, codes_shape,
                          jnp.int8 if self.weight_format == "int8" else jnp.uint8)

@@ -18,6 +18,7 @@ import ml_collections
 from perl_jax import logprobs as logprobs_lib
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
+from perl_jax import quant
 from perl_jax import reward as reward_lib
 from perl_jax import rl
 from perl_jax import sharding as sharding_lib
@@ -150,7 +151,7 @@ def _logical_params(cfg, lora_rank, targets, score_head=False) -> int:
 
 def _quantized_weights(cfg, variables) -> int | None:
   """The stored backbone's bytes when its kernels are quantised (None: analytic_bytes counts)."""
-  return _bytes(variables["params"]) if cfg.weight_dtype in ("int8", "nf4") else None
+  return _bytes(variables["params"]) if quant.is_quantized(cfg.weight_dtype) else None
 
 
 def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, prompt_len: int,

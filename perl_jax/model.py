@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from perl_jax import lora as lora_lib
+from perl_jax import quant
 
 _NEG_INF = -2.3819763e38  # large negative finite value, safe in bf16/f32
 SCANNED = "layers"  # the stacked layers' path under ModelConfig.scan_layers
@@ -231,7 +232,7 @@ class _Lora(nn.Module):
   def proj(self, name, in_shape, out_shape):
     spec = self.lora if f"{self.prefix}/{name}" in self.lora_targets else None
     weight = self.cfg.weight_dtype
-    quantized = weight in ("int8", "nf4")
+    quantized = quant.is_quantized(weight)
     return lora_lib.LoRAProjection(
         in_shape, out_shape, spec, dtype=jnp.dtype(self.cfg.dtype),
         param_dtype=jnp.dtype(weight if weight and not quantized else self.cfg.param_dtype),
@@ -544,8 +545,7 @@ def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
   A scanned model gets its unrolled twin's values, stacked: the same seed gives the same weights
   in either layout (a run's numbers do not depend on model.scan_layers). A quantised model gets
   its float twin's values, quantised (perl_jax.quant)."""
-  if model.cfg.weight_dtype in ("int8", "nf4"):
-    from perl_jax import quant
+  if quant.is_quantized(model.cfg.weight_dtype):
     twin = Transformer(dataclasses.replace(model.cfg, weight_dtype=""), model.lora,
                        model.lora_targets)
     variables = init_variables(twin, rng, batch, length, score_head)

@@ -128,6 +128,17 @@ def is_quantized(weight_dtype: str) -> bool:
   return weight_dtype in FORMATS
 
 
+def store_on_mesh(params: dict, weight_dtype: str, mesh) -> dict:
+  """store_params jitted onto the stored leaves' shardings on `mesh` (perl_jax.sharding rules)."""
+  if not weight_dtype:
+    return params
+  import jax
+  from perl_jax import sharding as sharding_lib
+  store = lambda p: store_params(p, weight_dtype)
+  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, params), mesh)
+  return jax.jit(store, out_shardings=shardings)(params)
+
+
 def store_kernel(value, path: str, weight_dtype: str) -> dict:
   """{path: stored kernel} or {path: codes, <path>/../scale: scales} of one kernel (any other
   leaf is returned as it is). weight_dtype: "" (as it is), "float32"/"bfloat16" (cast
@@ -152,10 +163,3 @@ def store_params(params: dict, weight_dtype: str) -> dict:
   for path, value in traverse_util.flatten_dict(params, sep="/").items():
     out.update(store_kernel(value, path, weight_dtype))
   return traverse_util.unflatten_dict(out, sep="/")
-
-
-def quantized_bytes(shape: tuple, fmt: str, n_in: int) -> int:
-  """Bytes of a kernel of `shape` stored in `fmt`: one byte per code (nf4: per two codes, the
-  codes shape is halved) plus the scales."""
-  codes, scale = stored_shapes(shape, fmt, n_in)
-  return int(np.prod(codes)) + int(np.prod(scale)) * np.dtype(SCALE_DTYPES[fmt]).itemsize

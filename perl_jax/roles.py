@@ -71,12 +71,7 @@ def float_twin(model: model_lib.Transformer) -> model_lib.Transformer:
 def store_backbone(params: dict, model: model_lib.Transformer, mesh) -> dict:
   """A float backbone with its projection kernels stored as model.cfg.weight_dtype (int8 / nf4
   quantised, perl_jax.quant), on device and on the kernels' shardings."""
-  weight_dtype = model.cfg.weight_dtype
-  if not weight_dtype:
-    return params
-  store = lambda p: quant.store_params(p, weight_dtype)
-  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, params), mesh)
-  return jax.jit(store, out_shardings=shardings)(params)
+  return quant.store_on_mesh(params, model.cfg.weight_dtype, mesh)
 
 
 def load_backbone(sft_dir: str, model: model_lib.Transformer, mesh) -> dict:

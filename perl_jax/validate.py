@@ -11,6 +11,7 @@ import ml_collections
 
 from perl_jax import errors
 from perl_jax import model as model_lib
+from perl_jax import quant
 from perl_jax import tasks
 
 STAGE_ORDER = ("sft", "prefs", "reward", "rl", "report")
@@ -79,9 +80,9 @@ def _model(p: _Problems, config) -> None:
     p.choice(m.preset, "model.preset", sorted(model_lib.PRESETS))
   p.choice(m.dtype, "model.dtype", DTYPES)
   p.choice(m.param_dtype, "model.param_dtype", DTYPES)
-  p.choice(m.weight_dtype, "model.weight_dtype", ("",) + tuple(DTYPES) + ("int8", "nf4"))
+  p.choice(m.weight_dtype, "model.weight_dtype", ("",) + tuple(DTYPES) + quant.FORMATS)
   frozen_stages = set(config.stages) & {"prefs", "reward", "rl"}
-  if m.weight_dtype in ("int8", "nf4") and frozen_stages:
+  if quant.is_quantized(m.weight_dtype) and frozen_stages:
     p.need(isinstance(config.lora.rank, int) and config.lora.rank > 0, "model.weight_dtype",
            f"{m.weight_dtype} stores a frozen backbone: it needs LoRA (lora.rank > 0), not full "
            f"fine-tuning (lora.rank=0)")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from perl_jax import lora as lora_lib
+from perl_jax import memory
 from perl_jax import model as model_lib
 from perl_jax import quant
 from perl_jax import reward as reward_lib
@@ -95,8 +96,7 @@ def test_quant_tiny_model_logits_follow_the_float_model(fmt, bound):
 def _reward_step(model, mesh):
   variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
   trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
-  optimizer = train_lib.make_optimizer(
-      __import__("perl_jax.memory", fromlist=["x"]).constant_adamw(1e-2), 10)
+  optimizer = train_lib.make_optimizer(memory.constant_adamw(1e-2), 10)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": optimizer.init(trainable)}
   step = train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1)

@@ -50,12 +50,8 @@ def load_checkpoint(path: str, mesh=None, dtype: str | None = "float32", weight_
   if cfg.weight_dtype == weight_dtype:
     return cfg, params, tokenizer
   from perl_jax import quant
-  from perl_jax import sharding as sharding_lib
-  mesh = mesh or hf.default_mesh()
-  store = lambda p: quant.store_params(p, weight_dtype)
-  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, params), mesh)
   return (dataclasses.replace(cfg, weight_dtype=weight_dtype),
-          jax.jit(store, out_shardings=shardings)(params), tokenizer)
+          quant.store_on_mesh(params, weight_dtype, mesh or hf.default_mesh()), tokenizer)
 
 
 def _load_checkpoint(path: str, mesh=None, dtype: str | None = "float32", weight_dtype: str = ""
