@@ -21,18 +21,21 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
-  """config.tokenizer.path, else the tokenizer of config.model.checkpoint, else the task's."""
+  """config.tokenizer.path, else the tokenizer of config.model.checkpoint, else the task's; with
+  config.tokenizer.chat_template."""
+  template = config.tokenizer.chat_template
   if not config.tokenizer.path and config.model.checkpoint:
     tokenizer = _describe_checkpoint(config.model.checkpoint)[1]
     if tokenizer is None:
       raise ValueError(f"checkpoint {config.model.checkpoint} ships no sentencepiece tokenizer: "
                        f"set config.tokenizer.path")
-    return tokenizer
+    return tokenizer_lib.Tokenizer(tokenizer.path, tokenizer.pad_id, tokenizer.bos_id,
+                                   tokenizer.eos_id, template) if template else tokenizer
   if not config.tokenizer.path and config.task not in tasks.TASKS:
     raise ValueError(f"config.tokenizer.path is empty and config.task {config.task!r} ships no "
                      f"tokenizer (tasks that do: {tasks.TASKS}): set --config.tokenizer.path")
   path = config.tokenizer.path or os.path.join(ASSETS, tasks.get(config.task).TOKENIZER)
-  return tokenizer_lib.Tokenizer(path)
+  return tokenizer_lib.Tokenizer(path, chat_template=template)
 
 
 @functools.lru_cache(maxsize=4)

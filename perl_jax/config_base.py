@@ -116,7 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint="",
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(
-      path="",  # sentencepiece .model; empty = the task's shipped tokenizer
+      path="",  # sentencepiece .model; empty = the checkpoint's tokenizer, else the task's
+      # "gemma": prompts rendered as Gemma chat turns (<start_of_turn>user ... <end_of_turn>,
+      # then an open model turn), responses ending in <end_of_turn> (see perl_jax/chat.py). For
+      # Gemma checkpoints; "" = the dataset's text as it is, responses ending in EOS.
+      chat_template="",
   ))
   c.lora = ml_collections.ConfigDict(dict(
       rank=8,  # adapter rank for the reward/RL stages; 0 = full fine-tuning instead

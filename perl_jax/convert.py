@@ -12,6 +12,11 @@ r"""Checkpoint conversion: released checkpoints in, merged weights and PEFT adap
   python -m perl_jax.convert to-peft --adapter=WORKDIR/rl/checkpoints/90/state --lora_alpha=16 \
       --base_model=google/gemma-3-1b-pt --out=/export/gemma3-1b-rl-lora
 
+  # a reward model (LoRA + score head) -> PEFT SEQ_CLS adapter; in transformers:
+  # perl_jax.checkpoints.peft.load_reward_model_torch(HF_BASE_DIR, OUT)
+  python -m perl_jax.convert to-peft --adapter=WORKDIR/reward/best --lora_alpha=8 --score_head \
+      --base_model=google/gemma-3-270m --out=/export/gemma3-270m-rm
+
 --src takes anything `checkpoints.load_checkpoint` does, or an orbax backbone tree (e.g.
 WORKDIR/sft/backbone) with --preset naming its architecture. --adapter takes an orbax tree holding
 an adapter collection (a saved adapter, or a training checkpoint's `state` item, where
@@ -27,6 +32,7 @@ import sys
 
 from flax import traverse_util
 import jax
+import numpy as np
 
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import checkpoints
@@ -75,6 +81,19 @@ def load_adapter(path: str, key: str | None = None, cfg: model_lib.ModelConfig |
   raise ValueError(f"{path} holds no LoRA factors (lora_a / lora_b) under "
                    f"{' or '.join(repr(k or '<root>') for k in keys)}; its arrays look like "
                    f"{', '.join(list(leaves)[:5])}")
+
+
+def load_score_head(path: str) -> dict:
+  """{"kernel", "bias"} of the reward model's score head in an orbax tree or training state."""
+  path = _latest_state(path)
+  leaves = checkpoints.orbax_leaves(path)
+  heads = sorted(p[:-len("/kernel")] for p in leaves if p.endswith("score_head/kernel"))
+  if len(heads) != 1:
+    raise ValueError(f"{path} holds {len(heads)} score heads ({heads}): --score_head needs a "
+                     "reward model's tree (e.g. WORKDIR/reward/best)")
+  arrays = checkpoints.restore_orbax_leaves(
+      path, {name: leaves[f"{heads[0]}/{name}"][0] for name in ("kernel", "bias")})
+  return {name: np.asarray(a) for name, a in arrays.items()}
 
 
 def load_backbone(src: str, preset: str | None, dtype: str | None):
@@ -153,9 +172,11 @@ def to_peft(args) -> None:
   alpha = args.lora_alpha if args.lora_alpha is not None else alpha
   if alpha is None:
     raise ValueError("--lora_alpha is required (scale = alpha / rank, as in training)")
-  config = peft.save(args.out, adapter, alpha, base_model=args.base_model)
+  score_head = load_score_head(args.adapter) if args.score_head else None
+  config = peft.save(args.out, adapter, alpha, base_model=args.base_model, score_head=score_head)
   print(f"[convert] wrote PEFT LoRA r={config['r']} alpha={config['lora_alpha']} on "
-        f"{config['target_modules']} to {args.out}")
+        f"{config['target_modules']}{' + score head (SEQ_CLS)' if score_head else ''} to "
+        f"{args.out}")
 
 
 def main(argv=None) -> None:
@@ -186,6 +207,9 @@ def main(argv=None) -> None:
   p.add_argument("--adapter_key", default=None)
   p.add_argument("--lora_alpha", type=float, default=None)
   p.add_argument("--base_model", default="", help="base_model_name_or_path for PEFT")
+  p.add_argument("--score_head", action="store_true", help="a reward model: also write its "
+                 "score head (task SEQ_CLS; load with perl_jax.checkpoints.peft."
+                 "load_reward_model_torch)")
   p.add_argument("--out", required=True)
   p.set_defaults(run=to_peft)
   args = parser.parse_args(argv)

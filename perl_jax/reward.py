@@ -37,8 +37,8 @@ def encode_preferences(tok, prefs, max_len: int) -> dict:
   for responses in columns:
     rows = []
     for prompt, response in zip(prefs.prompts, responses):
-      p, r = batching.truncate_pair([tok.bos_id] + tok.encode(prompt),
-                                    tok.encode(response) + [tok.eos_id], max_len)
+      p, r = batching.truncate_pair(tok.encode_prompt(prompt), tok.encode_response(response),
+                                    max_len)
       rows.append(p + r)
     t, m = batching.pad_rows(rows, max_len, tok.pad_id)
     tokens.append(t)

@@ -170,7 +170,7 @@ def token_values(model: model_lib.Transformer, variables, tokens, input_mask, st
 
 def encode_prompts(tok, prompts, length: int):
   """Left-padded BOS + prompt ids [N, length]; longer prompts lose their middle."""
-  return batching.pad_rows([batching.truncate_prompt([tok.bos_id] + tok.encode(p), length)
+  return batching.pad_rows([batching.truncate_prompt(tok.encode_prompt(p), length)
                             for p in prompts], length, tok.pad_id, left=True)
 
 

@@ -1,7 +1,8 @@
 """Sentencepiece tokenizers: loading, training, and encoding / decoding one text.
 
-Batches (BOS/EOS, truncation, padding and the masks that keep padding out of the model) are built
-from these ids by data/batching.py and roles.encode_prompts.
+`encode_prompt` / `encode_response` are the one place a prompt and a response become ids (BOS,
+the chat template if any, EOS); batches (truncation, padding and the masks that keep padding out
+of the model) are built from them by data/batching.py and roles.encode_prompts.
 
 Special ids follow Gemma: pad 0, eos 1, bos 2, unk 3.
 """
@@ -12,16 +13,25 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from perl_jax import chat
+
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 
 class Tokenizer:
-  """A sentencepiece model with the pad/bos/eos ids the model uses."""
+  """A sentencepiece model with the pad/bos/eos ids the model uses.
+
+  chat_template="gemma" (see perl_jax.chat) renders prompts as Gemma chat turns and makes
+  <end_of_turn> the end of a response (eos_id): the model must have those pieces.
+  """
 
   def __init__(self, model_path: str, pad_id: int | None = None, bos_id: int | None = None,
-               eos_id: int | None = None):
+               eos_id: int | None = None, chat_template: str = ""):
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+    if chat_template not in chat.TEMPLATES:
+      raise ValueError(f"unknown chat template {chat_template!r} (config.tokenizer."
+                       f"chat_template); known: {chat.TEMPLATES}")
     self.path = model_path
     self.sp = spm.SentencePieceProcessor(model_file=model_path)
     self.pad_id = self.sp.pad_id() if pad_id is None else pad_id
@@ -30,6 +40,16 @@ class Tokenizer:
     for name in ("pad_id", "bos_id", "eos_id"):
       if getattr(self, name) < 0:
         raise ValueError(f"tokenizer {model_path} defines no {name}; pass it explicitly")
+    self.chat_template = chat_template
+    if chat_template == "gemma":
+      markers = [self.sp.piece_to_id(m) for m in (chat.START_OF_TURN, chat.END_OF_TURN)]
+      if any(self.sp.id_to_piece(i) != m for i, m in zip(markers,
+                                                         (chat.START_OF_TURN, chat.END_OF_TURN))):
+        raise ValueError(f"chat_template='gemma' needs the pieces {chat.START_OF_TURN} and "
+                         f"{chat.END_OF_TURN}; tokenizer {model_path} has neither (a Gemma "
+                         "tokenizer has them): set config.tokenizer.chat_template=''")
+      self.start_of_turn_id, self.end_of_turn_id = markers
+      self.eos_id = self.end_of_turn_id  # a model turn ends there
 
   @property
   def vocab_size(self) -> int:
@@ -37,6 +57,17 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """BOS + the prompt; with a chat template, its turns and an open model turn."""
+    if self.chat_template == "gemma":
+      return chat.gemma_prompt(text, self.encode, self.bos_id, self.start_of_turn_id,
+                               self.end_of_turn_id)
+    return [self.bos_id] + self.encode(text)
+
+  def encode_response(self, text: str) -> list[int]:
+    """The response + EOS (<end_of_turn> with a chat template)."""
+    return self.encode(text) + [self.eos_id]
 
   def decode(self, ids: Sequence[int]) -> str:
     """Decodes up to the first EOS, skipping padding and BOS."""

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from perl_jax import tokenizer
 from perl_jax.data import batching
 
 PROMPT = list(range(10))  # 0 .. 9: the start is 0, 1, ..., the end ..., 8, 9
@@ -51,6 +52,9 @@ def test_truncate_pair_keeps_the_prompts_start_and_the_responses_end():
 class _FakeTokenizer:
   """One id per character: 'a' -> 10, 'b' -> 11, ...; BOS 2, EOS 1, pad 0."""
   bos_id, eos_id, pad_id = 2, 1, 0
+  chat_template = ""
+  encode_prompt = tokenizer.Tokenizer.encode_prompt
+  encode_response = tokenizer.Tokenizer.encode_response
 
   def encode(self, text):
     return [10 + ord(c) - ord("a") for c in text]

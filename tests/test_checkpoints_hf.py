@@ -432,6 +432,45 @@ def test_transformers_parity_with_peft_and_merged_exports(arch, tmp_path):
                              atol=ATOL, rtol=0)
 
 
+def test_reward_model_peft_export_scores_equal_in_transformers(tmp_path):
+  """A LoRA reward model (adapter + score head) exported by `convert to-peft --score_head` gives
+  the same scores in transformers + PEFT as in perl_jax (Gemma 3, right-padded rows)."""
+  pytest.importorskip("peft")
+  from perl_jax import roles
+  hf_dir = str(tmp_path / "hf")
+  _hf_model("gemma3", hf_dir)
+  cfg, params, _ = checkpoints.load_checkpoint(hf_dir)
+  model = model_lib.build(cfg, 4, 8.0, ("attn/(q|k|v|o)$",))
+  shapes = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0),
+                                                           score_head=True))[lora_lib.ADAPTER]
+  rng = np.random.default_rng(4)
+  adapter = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+  assert set(adapter) > {"score_head"}
+  tokens = rng.integers(1, 128, (3, 10))  # no real token is the pad id 0
+  mask = np.ones((3, 10), bool)
+  mask[1, 6:] = mask[2, 3:] = False
+  tokens[~mask] = 0
+  ours = np.asarray(jax.jit(lambda v, t, m: roles.sequence_scores(model, v, t, m))(
+      {"params": params, lora_lib.ADAPTER: adapter}, tokens, mask))
+
+  best = str(tmp_path / "reward" / "best")  # what the reward stage keeps
+  checkpoint_lib.save_tree(best, {lora_lib.ADAPTER: adapter})
+  out = str(tmp_path / "rm_peft")
+  convert.main(["to-peft", "--adapter", best, "--lora_alpha", "8", "--score_head",
+                "--base_model", hf_dir, "--out", out])
+  config = json.loads(open(os.path.join(out, "adapter_config.json")).read())
+  assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["score"])
+  import torch
+  reward_model = peft.load_reward_model_torch(hf_dir, out, attn_implementation="eager")
+  with torch.no_grad():
+    theirs = reward_model(input_ids=torch.tensor(tokens),
+                          attention_mask=torch.tensor(mask.astype(np.int64))).logits[:, 0].numpy()
+  assert np.ptp(ours) > 1e-2  # the rows score differently
+  np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
+  back, _, _ = peft.load(out, cfg)  # the LoRA factors read back; the head is skipped
+  assert "score_head" not in back
+
+
 def test_transformers_parity_with_attention_logits_past_the_softcap(tmp_path):
   """Gemma 2's real attention soft-cap (50), the reference's q/k projections scaled 5x
   (attention logits 25x): the largest |attention logit| per layer is 83, 116 and 173 (measured

@@ -36,7 +36,7 @@ def _load(path, arg=None):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_is_valid(path):
   config, module = _load(path)
-  args = list(getattr(module, "DATASETS", {})) or [None]
+  args = _variants(module) or [None]
   for arg in args:
     config = _load(path, arg)[0] if arg else config
     assert config.model.preset in model_lib.PRESETS
@@ -49,10 +49,14 @@ def test_config_is_valid(path):
 
 # ------------------------------------------------------------------------------ small modes
 
+def _variants(module):
+  """The `:arg`s a config runs under: its VARIANTS, else its DATASETS' names, else none."""
+  return list(getattr(module, "VARIANTS", ())) or list(getattr(module, "DATASETS", {}))
+
+
 def _small_args(path):
-  """The `:arg` of each small run: "small", or "DATASET,small" for each of a config's DATASETS."""
-  module = _load(path)[1]
-  return [f"{d},small" for d in getattr(module, "DATASETS", {})] or ["small"]
+  """The `:arg` of each small run: "small", or "VARIANT,small" for each of a config's variants."""
+  return [f"{v},small" for v in _variants(_load(path)[1])] or ["small"]
 
 
 SMALL = [(path, arg) for path in CONFIGS for arg in _small_args(path)]

@@ -9,7 +9,14 @@ B = `lora_B.weight` (out, r); perl_jax's factors are `lora_a` in_shape + (r,) an
     adapter/layer_0/attn/q/lora_b (r, heads, hd)
         <->  base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight (heads * hd, r)
 
-Scalar heads (score_head) have no PEFT LoRA equivalent and are not exported.
+A reward model's scalar head exports as PEFT's SEQ_CLS classifier, in `modules_to_save`:
+
+    adapter/score_head/kernel (d, 1), bias (1,)
+        <->  base_model.model.score.weight (1, d), base_model.model.score.bias (1,)
+
+transformers' `*ForSequenceClassification.score` has no bias, so the bias is kept by giving the
+base model a biased score layer before the adapter loads (see `load_reward_model_torch`); both
+read the score at the last non-padding token. Value heads are not exported.
 """
 from __future__ import annotations
 
@@ -45,13 +52,15 @@ def lora_projections(adapter: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def save(directory: str, adapter: dict, alpha: float, base_model: str = "",
-         dropout: float = 0.0) -> dict:
+         dropout: float = 0.0, score_head: dict | None = None) -> dict:
   """Writes the LoRA factors of `adapter` for PEFT; returns the adapter_config written.
 
   Args:
     adapter: the `adapter` collection (LoRA leaves; heads are skipped).
     alpha: LoRA alpha used in training (the scale is alpha / rank, as in PEFT).
     base_model: `base_model_name_or_path` for PEFT (the HF id or dir of the same backbone).
+    score_head: a reward model's {"kernel" (d, 1), "bias" (1,)}: written as the SEQ_CLS
+      `score` layer (task_type "SEQ_CLS", modules_to_save ["score"]).
   """
   from safetensors.numpy import save_file
   projections = lora_projections(adapter)
@@ -73,12 +82,18 @@ def save(directory: str, adapter: dict, alpha: float, base_model: str = "",
   every_layer = len(modules) == len(kinds) * len({m.split(".")[2] for m in modules})
   # Short names ("q_proj") when each kind is adapted in every adapted layer, full names otherwise
   # (PEFT matches a target as a suffix of the module name).
+  if score_head is not None:
+    kernel, bias = (np.asarray(jax.device_get(score_head[k]), np.float32)
+                    for k in ("kernel", "bias"))
+    tensors[_PREFIX + "score.weight"] = np.ascontiguousarray(kernel.T)
+    tensors[_PREFIX + "score.bias"] = bias.reshape(1)
   config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+      "peft_type": "LORA", "task_type": "SEQ_CLS" if score_head is not None else "CAUSAL_LM",
+      "base_model_name_or_path": base_model,
       "r": rank, "lora_alpha": float(alpha), "lora_dropout": float(dropout),
       "target_modules": sorted(kinds) if every_layer else sorted(modules),
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
-      "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+      "use_dora": False, "modules_to_save": ["score"] if score_head is not None else None, "init_lora_weights": True,
       "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
       "alpha_pattern": {},
   }
@@ -86,6 +101,20 @@ def save(directory: str, adapter: dict, alpha: float, base_model: str = "",
   save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
   common.write_json(os.path.join(directory, CONFIG), config)
   return config
+
+
+def load_reward_model_torch(base_model: str, directory: str, **kwargs):
+  """The exported reward model in transformers + PEFT: `base_model` (an HF dir or id of the same
+  backbone) as a 1-label sequence classifier with a biased score layer, then the adapter dir.
+  Needs torch, transformers and peft (not perl_jax dependencies). kwargs go to from_pretrained."""
+  import peft as peft_lib
+  import torch
+  import transformers
+  base = transformers.AutoModelForSequenceClassification.from_pretrained(
+      base_model, num_labels=1, **kwargs)
+  hidden = base.score.in_features
+  base.score = torch.nn.Linear(hidden, 1, bias=True, dtype=base.score.weight.dtype)
+  return peft_lib.PeftModel.from_pretrained(base, directory).eval()
 
 
 def load(directory: str, cfg: model_lib.ModelConfig, dtype: str = "float32"
@@ -109,6 +138,8 @@ def load(directory: str, cfg: model_lib.ModelConfig, dtype: str = "float32"
   file = os.path.join(directory, WEIGHTS)
   with safe_open(file, framework="numpy") as f:
     for name in f.keys():
+      if name.startswith(_PREFIX + "score."):  # a reward model's head: not a LoRA factor
+        continue
       module, _, kind = name.rpartition(".lora_")
       path = by_module.get(module)
       if path is None or kind not in ("A.weight", "B.weight"):

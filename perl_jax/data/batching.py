@@ -53,8 +53,7 @@ def encode_sft(tok: Tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -
   """BOS prompt response EOS, right-padded; loss on response tokens and EOS only."""
   rows, loss_rows = [], []
   for prompt, response in pairs:
-    p, r = truncate_pair([tok.bos_id] + tok.encode(prompt), tok.encode(response) + [tok.eos_id],
-                         max_len)
+    p, r = truncate_pair(tok.encode_prompt(prompt), tok.encode_response(response), max_len)
     rows.append(p + r)
     loss_rows.append([0] * len(p) + [1] * len(r))
   tokens, input_mask = pad_rows(rows, max_len, tok.pad_id)

