@@ -469,6 +469,11 @@ def test_reward_model_peft_export_scores_equal_in_transformers(tmp_path):
   np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
   back, _, _ = peft.load(out, cfg)  # the LoRA factors read back; the head is skipped
   assert "score_head" not in back
+  # A run's ModelConfig (scanned, remat, chunked attention) still exports: those fields say how
+  # perl_jax computes, not what the model is.
+  run_cfg = dataclasses.replace(cfg, scan_layers=True, remat=True, attention_chunk=128,
+                                logprob_chunk_tokens=64, remat_policy="dots_saveable")
+  hf.save(str(tmp_path / "from_run"), run_cfg, params)
 
 
 def test_transformers_parity_with_attention_logits_past_the_softcap(tmp_path):

@@ -167,17 +167,23 @@ def architecture_of(cfg: model_lib.ModelConfig) -> str:
   return "gemma"
 
 
+# How a run stores and computes the model, not what the model is: reset before comparing.
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "weight_dtype", "remat", "remat_policy", "scan_layers",
+                   "logprob_chunk_tokens", "attention_chunk")
+
+
 def _canonical(cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
   """`cfg` with equivalent spellings unified and storage/compute fields reset, for comparison."""
   local = any(cfg.is_local(i) for i in range(cfg.num_layers))
+  defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
+              if f.name in _RUNTIME_FIELDS}
   return dataclasses.replace(
-      cfg, query_pre_attn_scalar=float(cfg.query_pre_attn_scalar or cfg.head_dim),
+      cfg, **defaults, query_pre_attn_scalar=float(cfg.query_pre_attn_scalar or cfg.head_dim),
       sliding_window=cfg.sliding_window if local else None,
       local_global_pattern=cfg.local_global_pattern if local else 0,
       rope_local_base=(cfg.rope_local_base or cfg.rope_base) if local else None,
       attn_logit_softcap=cfg.attn_logit_softcap or None,
-      final_logit_softcap=cfg.final_logit_softcap or None,
-      dtype="float32", param_dtype="float32", remat=False)
+      final_logit_softcap=cfg.final_logit_softcap or None)
 
 
 def _number(x: float):
