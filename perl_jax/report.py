@@ -28,7 +28,11 @@ def _rows(stages: dict) -> list[tuple[str, str]]:
              ("train labels agreeing with gold", f"{100 * prefs['train_labels_agreeing_with_gold']:.0f}%")]
   if reward:
     rows += [("RM held-out accuracy", f"{100 * reward['eval_accuracy']:.1f}%"),
-             ("RM best held-out accuracy", f"{100 * reward['best_eval_accuracy']:.1f}%"),
+             ("RM best held-out accuracy" + (" (best by ROC AUC)" if reward.get(
+                 "best_selected_by") == "auc" else ""),
+              f"{100 * reward['best_eval_accuracy']:.1f}%"),
+             *([("RM best held-out ROC AUC", f"{reward['best_eval_auc']:.3f}")]
+               if reward.get("best_eval_auc") is not None else []),
              *([("RM held-out balanced accuracy",
                  f"{100 * reward['eval_balanced_accuracy']:.1f}%")]
                if "eval_balanced_accuracy" in reward else []),

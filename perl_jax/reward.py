@@ -155,7 +155,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   # evaluation (eval_every), which need not be a checkpoint step, and later stages load only its
   # adapter (+ head) as a plain tree.
   best_path, best_info_path = os.path.join(stage_dir, "best"), os.path.join(stage_dir, "best.json")
-  best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {"accuracy": -1.0}
+  # Pairs: held-out pair accuracy. Pointwise 0/1 labels: ROC AUC, the ranking RL uses (accuracy
+  # there mostly counts the majority class: a model calling every row 1 scores 86% on Taskmaster).
+  select_by = "auc" if train_prefs.kind == "pointwise" else "accuracy"
+  best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {}
+  best.setdefault("accuracy", -1.0)
   frozen_scores = jax.jit(lambda t, f, b: roles.sequence_scores(model, {**f, **t}, b["tokens"],
                                                                 b["input_mask"]))
   score_fn = lambda t, b: frozen_scores(t, frozen, b)  # frozen is an argument, not a constant
@@ -163,9 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   def eval_fn(trainable):
     metrics = evaluate(score_fn, trainable, eval_arrays, reward_cfg.eval_batch_size, mesh, reward_cfg.margin)
     # Keep the best-validation reward model; never one that scores every row alike (collapsed).
-    if metrics["accuracy"] > best["accuracy"] and not _collapsed(metrics):
+    # AUC is undefined (NaN) on a held-out slice with one class: then accuracy decides.
+    key = select_by if np.isfinite(metrics[select_by]) else "accuracy"
+    if metrics[key] > best.get(key, -1.0) and not _collapsed(metrics):
       checkpoint_lib.save_tree(best_path, trainable)
-      best.update(metrics)
+      best.update(metrics, selected_by=key)
       common.write_json(best_info_path, best)
     return metrics
 
@@ -183,13 +189,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                     score_fn, result["state"]["trainable"], eval_arrays, reward_cfg.eval_batch_size,
                     mesh, reward_cfg.margin)
   summary = {f"eval_{k}": v for k, v in final_eval.items()}
-  summary.update({"best_eval_accuracy": best["accuracy"], "steps": result["steps"],
+  summary.update({"best_eval_accuracy": best["accuracy"], "best_selected_by": select_by,
+                  **({"best_eval_auc": best.get("auc")} if select_by == "auc" else {}),
+                  "steps": result["steps"],
                   "step_time_s": result["step_time_s"], "pairs_used": len(train_prefs.prompts),
                   "rows_skipped": train_prefs.rows_skipped + eval_prefs.rows_skipped,
                   "train_loss": result["final_metrics"].get("loss"), "data_kind": train_prefs.kind,
                   "train_step_compilations": result["train_step_compilations"],
                   "train_step_memory": result["step_memory"],
                   **report})
-  print(f"[reward] eval accuracy {summary['eval_accuracy']:.3f} "
-        f"(best {best['accuracy']:.3f}), eval loss {summary['eval_loss']:.4f}", flush=True)
+  print(f"[reward] eval accuracy {summary['eval_accuracy']:.3f} (best by {select_by}: "
+        f"{best.get(select_by, float('nan')):.3f}), eval loss {summary['eval_loss']:.4f}",
+        flush=True)
   return summary

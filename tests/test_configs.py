@@ -192,6 +192,9 @@ def _check_stage(stage, result, config, workdir):
     _finite(stage, result, "train_loss", "eval_loss", "eval_accuracy")
     if config.reward.data.name == "taskmaster":  # 0/1 labels: BCE and balanced accuracy
       assert result["data_kind"] == "pointwise" and 0 <= result["eval_balanced_accuracy"] <= 1
+      assert result["best_selected_by"] == "auc"  # the kept model ranks best, not the majority
+    else:
+      assert result["best_selected_by"] == "accuracy"
     assert 0 <= result["eval_accuracy"] <= 1 and 0 < result["trainable_percent"] <= 100
   elif stage == "rl":
     _finite(stage, result, "reward_initial", "reward_final", "kl_final", "step_time_s")
