@@ -126,6 +126,17 @@ def test_synthetic_gguf_undoes_llama_cpp_conventions(preset, arch, tmp_path):
     tol = 0.01 if p == "layer_1/mlp/up/kernel" else 1e-6  # Q8_0 rounding / (w + 1) - 1
     np.testing.assert_allclose(np.asarray(got[p]), want[p], atol=tol, rtol=0, err_msg=p)
 
+  # Our faster reader parses exactly what the library's does: every field, every tensor.
+  ours, library = gguf_lib.reader(path), gguf.GGUFReader(path)
+  assert list(ours.fields) == list(library.fields) and len(ours.tensors) == len(library.tensors)
+  for name, field in library.fields.items():
+    assert field.types == ours.fields[name].types, name
+    for a, b in zip(field.parts, ours.fields[name].parts, strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  for a, b in zip(library.tensors, ours.tensors):
+    assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+    np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+
   # The tokenizer rebuilt from the metadata encodes exactly as the original model.
   import sentencepiece as spm
   original = spm.SentencePieceProcessor(model_file=SP_MODEL)
