@@ -219,6 +219,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_stages(c: ml_collections.ConfigDict, steps: int = 2, batch_size: int = 8
+                  ) -> ml_collections.ConfigDict:
+  """A `small` mode's stages (CI and smoke tests): sft, reward and rl at `steps` steps of
+  `batch_size` (RL: batch_size // 2 prompts x 2 samples), logging, evaluation and checkpoints at
+  the last step, one warm-up step."""
+  c.rl.prompts_per_step, c.rl.samples_per_prompt = batch_size // 2, 2
+  for stage in (c.sft, c.reward, c.rl):
+    stage.train.steps, stage.train.batch_size = steps, batch_size
+    stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = steps
+    stage.optim.warmup_steps = 1
+  return c
+
+
 def shrink_demo_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A demo-task config's `small` mode, for CI and smoke tests (not results): 40-token sequences,
   a few dozen prompts, 30 SFT steps (so that some samples are in the task's grammar and held-out

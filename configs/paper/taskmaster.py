@@ -53,11 +53,7 @@ def get_config(arg=None):
     c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 256, 16, 8
     c.reward.data.max_eval_rows, c.reward.eval_batch_size = 16, 8
     c.rl.num_train_prompts, c.rl.num_eval_prompts = 16, 8
-    c.rl.prompts_per_step, c.rl.samples_per_prompt, c.rl.train.batch_size = 4, 2, 8
-    for stage in (c.sft, c.reward, c.rl):
-      stage.train.steps, stage.train.batch_size = 2, 8
-      stage.train.log_every = stage.train.eval_every = stage.train.checkpoint_every = 2
-      stage.optim.warmup_steps = 1
+    config_base.shrink_stages(c, steps=2, batch_size=8)
   return c
 
 
