@@ -7,7 +7,7 @@ allocated; XLA's memory_analysis of the same jitted steps the stages run).
 Writes memory.csv and memory.md in --out. With --mesh=DATA,FSDP,TENSOR (e.g. 1,8,1) the steps are
 compiled with the training shardings and the figures are per device (devices are simulated on a
 CPU host). bf16 backbone (--weight_dtypes=bfloat16,int8,nf4: its projection kernels stored
-quantised, perl_jax.quant), f32 adapters, AdamW; reward batch 8
+quantised, perl_jax.quant; --embedding_dtype=nf4: the output embedding too), f32 adapters, AdamW; reward batch 8
 pairs x 512 tokens; RL 16 episodes of 256 prompt + 256 new tokens (change with flags); layers
 under nn.scan with remat (--noscan_layers / --noremat to compare). Full fine-tuning gets the same
 scan, remat, chunked log-probs and attention blocks, and keeps bf16 weights and gradients with
@@ -40,6 +40,7 @@ if _mesh_arg(sys.argv) and "xla_force_host_platform_device_count" not in os.envi
 
 from perl_jax import memory  # noqa: E402  (after XLA_FLAGS)
 from perl_jax import model as model_lib  # noqa: E402
+from perl_jax import quant  # noqa: E402
 from perl_jax import sharding as sharding_lib  # noqa: E402
 
 _PRESETS = flags.DEFINE_list("presets", ["gemma-2b", "gemma-7b", "gemma2-2b", "gemma2-9b"],
@@ -55,6 +56,9 @@ _OUT = flags.DEFINE_string("out", "/tmp/perl_memory", "output folder")
 _WEIGHT_DTYPES = flags.DEFINE_list(
     "weight_dtypes", ["bfloat16"], "model.weight_dtype of the frozen backbone's projection "
     "kernels (bfloat16, int8, nf4); full tuning is measured in bfloat16 only")
+_EMBEDDING_DTYPE = flags.DEFINE_string(
+    "embedding_dtype", "", "model.embedding_dtype of the output embedding in the LoRA rows with "
+    "quantised weights (int8, nf4; logits then built in vocabulary tiles); '' = bfloat16")
 _REMAT = flags.DEFINE_bool("remat", True, "rematerialise layers in the backward pass")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "layers under nn.scan (False: unrolled)")
 _ATTENTION_CHUNK = flags.DEFINE_integer("attention_chunk", 128, "queries per attention block "
@@ -72,15 +76,18 @@ def main(argv):
           for weight_dtype in _WEIGHT_DTYPES.value for rank in [int(r) for r in _RANKS.value]]
   runs += [(preset, "bfloat16", 0) for preset in _PRESETS.value if _WITH_FULL.value]
   for preset, weight_dtype, rank in runs:
+    embedding_dtype = _EMBEDDING_DTYPE.value if weight_dtype in quant.FORMATS and rank else ""
     cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16",
-                                 weight_dtype=weight_dtype, remat=_REMAT.value,
+                                 weight_dtype=weight_dtype, embedding_dtype=embedding_dtype,
+                                 remat=_REMAT.value,
                                  scan_layers=_SCAN.value, attention_chunk=_ATTENTION_CHUNK.value)
     t0 = time.perf_counter()
     rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)
     rl = memory.rl_step_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,
                                _NEW_TOKENS.value, mesh=mesh)
     gib = lambda b: b / memory.GiB
-    row = {"preset": preset, "weight_dtype": weight_dtype,
+    row = {"preset": preset,
+           "weight_dtype": weight_dtype + (f" (emb {embedding_dtype})" if embedding_dtype else ""),
            "mesh": "x".join(map(str, shape)) if shape else "1",
            "lora_rank": rank or "full",
            "rm_trainable_params": rm["trainable_params"], "rm_total_params": rm["total_params"],

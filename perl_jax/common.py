@@ -48,6 +48,7 @@ def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
   """The architecture: config.model.checkpoint's when set, else config.model.preset's."""
   m = config.model
   overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, weight_dtype=m.weight_dtype,
+                   embedding_dtype=m.embedding_dtype, logprob_vocab_tile=m.logprob_vocab_tile,
                    remat=m.remat,
                    remat_policy=m.remat_policy, scan_layers=m.scan_layers,
                    logprob_chunk_tokens=m.logprob_chunk_tokens,

@@ -86,6 +86,14 @@ def base_config() -> ml_collections.ConfigDict:
       # tensor by tensor as they load. Quantised weights need LoRA (lora.rank > 0); SFT trains
       # in param_dtype.
       weight_dtype="",
+      # Storage of the vocabulary tables (the tied embedding; or the input embedding and
+      # lm_head) in the same stages: "" = param_dtype; "bfloat16" / "float32"; "int8" (a scale
+      # per vocabulary row) or "nf4" (blocks of 64 along d_model). Lookups dequantise the
+      # gathered rows, log-probs one vocabulary tile at a time (logprob_vocab_tile), decoding
+      # the whole table each step. With a 256k vocabulary the table is most of a small model's
+      # weights (Gemma 3 270M: 168M of 268M parameters). Needs LoRA like weight_dtype; SFT
+      # trains it in float.
+      embedding_dtype="",
       remat=False,  # rematerialise layers in the backward pass (recompute, don't store)
       # What remat keeps: a jax.checkpoint_policies name ("nothing_saveable": each layer's
       # input only; "dots_saveable": matmul outputs too, less recompute, more memory).
@@ -101,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
       # 0 = auto: about 256 MiB of f32 logits per chunk (256 tokens at a 262k vocabulary; the
       # demo's 256-piece vocabulary fits in one chunk).
       logprob_chunk_tokens=0,
+      # Vocabulary rows per tile within a log-prob chunk: the chunk's logits are built a tile at
+      # a time with a running log-sum-exp (exact), so no [chunk, vocab] tensor and, for a
+      # quantised embedding, no dequantised copy of the whole table exists. 0 = the whole
+      # vocabulary at once for a float embedding, 16,384 rows for a quantised one.
+      logprob_vocab_tile=0,
       # Queries per attention block: each block's f32 scores [B, heads, chunk, S] are computed,
       # and recomputed in the backward pass, on their own (exact; soft-cap and sliding window
       # kept). 0 = all queries at once. Sequences not a multiple of it run as one block.

@@ -72,7 +72,8 @@ def largest_buffers(hlo_text: str, top: int = 4) -> list[str]:
 
 def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, trainable: int,
                    total: int, passes: int = 1, logit_tokens: int = 0,
-                   full_copies: int = 0, weights_bytes: int | None = None) -> dict:
+                   full_copies: int = 0, weights_bytes: int | None = None,
+                   logit_columns: int | None = None) -> dict:
   """A count by hand of one train step's memory on an accelerator (bf16 matmuls native).
 
   weights: the backbone in param_dtype (plus `full_copies` trained copies under full tuning),
@@ -82,7 +83,9 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
   inputs that scan + remat keeps for the backward pass, per differentiated forward (`passes`);
   layer: the working set of one layer recomputed and differentiated (f32 attention scores,
   probabilities and their gradient; the MLP's gate, up, activation and their gradients);
-  logits: one chunk of f32 logits, its softmax and gradient (log-prob steps only).
+  logits: one chunk of f32 logits (`logit_columns` vocabulary rows of it at a time: the whole
+  vocabulary, or one tile of model.logprob_vocab_tile plus that tile of the table in the
+  compute dtype), its softmax and gradient (log-prob steps only).
   """
   act = jnp.dtype(cfg.dtype).itemsize
   param = jnp.dtype(cfg.param_dtype).itemsize
@@ -93,7 +96,11 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
          "saved": passes * cfg.num_layers * tokens * cfg.d_model * act,
          "layer": (3 * sequences * cfg.num_heads * seq_len * seq_len * 4
                    + 6 * tokens * cfg.mlp_dim * act),
-         "logits": 3 * logit_tokens * cfg.vocab_size * 4}
+         "logits": 0}
+  if logit_tokens:
+    columns = logit_columns or cfg.vocab_size
+    table_tile = columns * cfg.d_model * act if columns < cfg.vocab_size else 0
+    out["logits"] = 3 * logit_tokens * columns * 4 + table_tile
   out["total"] = sum(out.values())
   return out
 
@@ -144,14 +151,15 @@ def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: 
 
 def _logical_params(cfg, lora_rank, targets, score_head=False) -> int:
   """Parameters of the model as floats (a quantised kernel counts its weights, not its codes)."""
-  float_cfg = dataclasses.replace(cfg, weight_dtype="")
+  float_cfg = dataclasses.replace(cfg, weight_dtype="", embedding_dtype="")
   return model_lib.param_counts(model_lib.build(float_cfg, lora_rank, lora_targets=targets),
                                 score_head)["total"]
 
 
 def _quantized_weights(cfg, variables) -> int | None:
   """The stored backbone's bytes when its kernels are quantised (None: analytic_bytes counts)."""
-  return _bytes(variables["params"]) if quant.is_quantized(cfg.weight_dtype) else None
+  stored = quant.is_quantized(cfg.weight_dtype) or quant.is_quantized(cfg.embedding_dtype)
+  return _bytes(variables["params"]) if stored else None
 
 
 def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, prompt_len: int,
@@ -211,5 +219,6 @@ def rl_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, episodes: int, pr
       cfg, episodes, seq, stats["trainable_params"],
       backbone_params * (4 if full else 1), passes,
       logit_tokens=logprobs_lib.chunk_tokens_for(cfg.vocab_size, cfg.logprob_chunk_tokens),
-      full_copies=2 if full else 0, weights_bytes=_quantized_weights(cfg, {"params": backbone}))
+      full_copies=2 if full else 0, weights_bytes=_quantized_weights(cfg, {"params": backbone}),
+      logit_columns=model_lib.vocab_tile(cfg))
   return stats

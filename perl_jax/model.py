@@ -68,6 +68,10 @@ class ModelConfig:
   # Storage of the frozen projection kernels (attention q/k/v/o, MLP): "" = param_dtype,
   # "float32"/"bfloat16", or "int8"/"nf4" (perl_jax.quant: dequantised inside each matmul).
   weight_dtype: str = ""
+  # Storage of the vocabulary tables (the tied embedding; or the input embedding and lm_head):
+  # "" = param_dtype, "float32"/"bfloat16", or "int8"/"nf4" (gathered rows and vocabulary tiles
+  # dequantised).
+  embedding_dtype: str = ""
   remat: bool = False  # rematerialise each layer in the backward pass
   # What a rematerialised layer keeps for the backward pass: a name in jax.checkpoint_policies
   # ("nothing_saveable": only the layer's input; "dots_saveable": matmul outputs too, ...).
@@ -80,6 +84,11 @@ class ModelConfig:
   # Tokens (over the batch) per chunk of the log-prob computation (perl_jax.logprobs): the
   # largest logits tensor any step builds is [chunk, vocab] f32. 0 = about 256 MiB of it.
   logprob_chunk_tokens: int = 0
+  # Vocabulary rows per tile of the log-prob computation: each chunk's logits are built one
+  # tile at a time with a running log-sum-exp, so only [chunk, tile] logits (and one
+  # dequantised tile of a quantised embedding) exist at once. 0 = the whole vocabulary at once
+  # for a float embedding, EMBEDDING_TILE rows for a quantised one.
+  logprob_vocab_tile: int = 0
   # Queries per attention block (perl_jax.model.attend): a layer's f32 scores are computed and
   # rematerialised [B, heads, chunk, S] at a time. 0 = all queries at once.
   attention_chunk: int = 0
@@ -205,19 +214,33 @@ def remat_policy(name: str):
   return policy
 
 
-def logits_of(cfg: ModelConfig, params: dict, hidden):
-  """f32 logits [..., V] of final hidden states [..., d] (tied embedding or lm_head, soft-cap).
+EMBEDDING_TILE = 16384  # vocabulary rows per tile of a quantised output embedding
+
+
+def vocab_tile(cfg: ModelConfig) -> int:
+  """Vocabulary rows per log-prob tile (cfg.logprob_vocab_tile; 0 = see ModelConfig)."""
+  if cfg.logprob_vocab_tile:
+    return min(cfg.logprob_vocab_tile, cfg.vocab_size)
+  return min(EMBEDDING_TILE, cfg.vocab_size) if quant.is_quantized(cfg.embedding_dtype) \
+      else cfg.vocab_size
+
+
+def logits_of(cfg: ModelConfig, params: dict, hidden, start=None, size: int | None = None):
+  """f32 logits [..., V] of final hidden states [..., d] (tied embedding or lm_head, soft-cap),
+  or of vocabulary rows [start, start + size) only ([..., size]).
 
   Only for a few positions at a time (decoding, chunked log-probs): over a whole batch of
   sequences this is the [B, T, V] tensor that perl_jax.logprobs exists to avoid."""
   dtype = jnp.dtype(cfg.dtype)
   if cfg.tie_embeddings:  # einsum, not table.T: no transposed copy of the table
-    table = params["embedder"]["input_embedding"]
-    raw = jnp.einsum("...d,vd->...v", hidden.astype(dtype), table.astype(dtype),
+    table = quant.dequantize_slice(params["embedder"], "input_embedding", cfg.embedding_dtype,
+                                   0, dtype, start, size)
+    raw = jnp.einsum("...d,vd->...v", hidden.astype(dtype), table,
                      preferred_element_type=jnp.float32)
   else:
-    raw = jnp.einsum("...d,dv->...v", hidden.astype(dtype),
-                     params["lm_head"]["kernel"].astype(dtype),
+    kernel = quant.dequantize_slice(params["lm_head"], "kernel", cfg.embedding_dtype, 1, dtype,
+                                    start, size)
+    raw = jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel,
                      preferred_element_type=jnp.float32)
   return softcap(raw.astype(jnp.float32), cfg.final_logit_softcap)
 
@@ -355,11 +378,27 @@ class ScoreHead(nn.Module):
     return (hidden.astype(jnp.float32) @ kernel.value + bias.value)[..., 0]
 
 
-def embed(cfg: ModelConfig, table, tokens):
-  """Token embeddings in the compute dtype (times sqrt(d_model) where the family scales them)."""
+def embed(cfg: ModelConfig, embedder: dict, tokens):
+  """Token embeddings in the compute dtype (times sqrt(d_model) where the family scales them).
+  embedder: the `embedder` params ({"input_embedding"}, plus "scale" when quantised)."""
   dtype = jnp.dtype(cfg.dtype)
-  x = jnp.take(table, tokens, axis=0).astype(dtype)
+  x = quant.lookup_rows(embedder, cfg.embedding_dtype, tokens, dtype)
   return x * jnp.asarray(cfg.d_model ** 0.5, dtype) if cfg.embed_scale else x
+
+
+def _stored_param(module: nn.Module, name: str, key: str, shape: tuple, n_lead: int,
+                  cfg: ModelConfig, init):
+  """A vocabulary table's param group {key: ...} as cfg.embedding_dtype stores it: codes and
+  scales when quantised (values come from the float twin, see init_variables), else a float
+  `key` from `init` in embedding_dtype or param_dtype."""
+  fmt = cfg.embedding_dtype
+  if quant.is_quantized(fmt):
+    codes_shape, scale_shape = quant.stored_shapes(shape, fmt, 1, n_lead)
+    codes_dtype = jnp.int8 if fmt == "int8" else jnp.uint8
+    return module.param(name, lambda rng: {
+        key: jnp.zeros(codes_shape, codes_dtype),
+        "scale": jnp.zeros(scale_shape, quant.SCALE_DTYPES[fmt])})
+  return module.param(name, lambda rng: {key: init(rng, shape, jnp.dtype(fmt or cfg.param_dtype))})
 
 
 class Transformer(nn.Module):
@@ -398,9 +437,9 @@ class Transformer(nn.Module):
       dict with "hidden" [B, T, d], "logits" [B, T, V] f32, "scores" [B, T] f32, "cache".
     """
     cfg = self.cfg
-    embedding = self.param("embedder", lambda rng: {"input_embedding": nn.initializers.normal(
-        cfg.d_model ** -0.5)(rng, (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))})
-    x = embed(cfg, embedding["input_embedding"], tokens)
+    embedder = _stored_param(self, "embedder", "input_embedding", (cfg.vocab_size, cfg.d_model),
+                             1, cfg, nn.initializers.normal(cfg.d_model ** -0.5))
+    x = embed(cfg, embedder, tokens)
     lora = self._active_lora()
     block = ScannedBlock if cfg.scan_layers else Block
     if cfg.remat:  # the last argument (`deterministic`, a Python bool) is static; self is 0
@@ -427,8 +466,8 @@ class Transformer(nn.Module):
                      name="final_norm")(x)
     out = {"hidden": hidden, "cache": new_cache}
     if not cfg.tie_embeddings:
-      self.param("lm_head", lambda rng: {"kernel": nn.initializers.lecun_normal()(
-          rng, (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))})
+      _stored_param(self, "lm_head", "kernel", (cfg.d_model, cfg.vocab_size), 0, cfg,
+                    nn.initializers.lecun_normal())
     if logits:  # every position: for parity checks; training and decoding use logits_of
       out["logits"] = logits_of(cfg, self.variables["params"], hidden)
     if scores:
@@ -545,12 +584,13 @@ def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
   A scanned model gets its unrolled twin's values, stacked: the same seed gives the same weights
   in either layout (a run's numbers do not depend on model.scan_layers). A quantised model gets
   its float twin's values, quantised (perl_jax.quant)."""
-  if quant.is_quantized(model.cfg.weight_dtype):
-    twin = Transformer(dataclasses.replace(model.cfg, weight_dtype=""), model.lora,
+  if quant.is_quantized(model.cfg.weight_dtype) or quant.is_quantized(model.cfg.embedding_dtype):
+    twin = Transformer(dataclasses.replace(model.cfg, weight_dtype="", embedding_dtype=""),
+                       model.lora,
                        model.lora_targets)
     variables = init_variables(twin, rng, batch, length, score_head)
-    return {**variables, "params": quant.store_params(variables["params"],
-                                                      model.cfg.weight_dtype)}
+    return {**variables, "params": quant.store_params(
+        variables["params"], model.cfg.weight_dtype, model.cfg.embedding_dtype)}
   if model.cfg.scan_layers:
     twin = Transformer(dataclasses.replace(model.cfg, scan_layers=False), model.lora,
                        frozenset(f"layer_{i}/{path.split('/', 1)[1]}" for path in model.lora_targets

@@ -16,6 +16,13 @@ halved) and `scale` (the kernel's shape with the contraction axes reduced to 1 f
 last one divided by the block length for nf4). Both keep the kernel's rank, so the kernel's sharding rule
 shards them the same way (perl_jax.sharding), and an NF4 block never straddles two shards.
 
+The output embedding (`model.embedding_dtype`) can be stored the same way: the tied table
+`embedder/input_embedding` [vocab, d] is a kernel whose vocabulary axis leads and whose d axis is
+contracted (per-row int8 scales, NF4 blocks along d), an untied `lm_head/kernel` [d, vocab] an
+ordinary one; the scales sit beside them as `embedder/scale` / `lm_head/scale`. The input lookup
+dequantises only the gathered rows, the log-prob computation one vocabulary tile at a time
+(perl_jax.logprobs).
+
 The functions take numpy or jax.numpy arrays (`xp`): checkpoint loaders quantise each tensor on
 the host as it is read, jitted code quantises an SFT or random backbone on device.
 """
@@ -53,6 +60,20 @@ def contraction_axes(path: str) -> int | None:
   if not match:
     return None
   return 2 if match.group(2) == "attn/o" else 1
+
+
+def embedding_axes(path: str) -> tuple[int, int] | None:
+  """(leading axes, contraction axes) of the output embedding at `path`, None for other leaves."""
+  if re.search(r"(^|/)embedder/input_embedding$", path):
+    return 1, 1  # [vocab, d]
+  if re.search(r"(^|/)lm_head/kernel$", path):
+    return 0, 1  # [d, vocab]
+  return None
+
+
+def scale_path(path: str) -> str:
+  """Where the scales of the stored kernel at `path` go: beside it, named `scale`."""
+  return path.rsplit("/", 1)[0] + "/scale" if "/" in path else "scale"
 
 
 def _xp(x):
@@ -128,38 +149,92 @@ def is_quantized(weight_dtype: str) -> bool:
   return weight_dtype in FORMATS
 
 
-def store_on_mesh(params: dict, weight_dtype: str, mesh) -> dict:
-  """store_params jitted onto the stored leaves' shardings on `mesh` (perl_jax.sharding rules)."""
-  if not weight_dtype:
+def store_on_mesh(params: dict, weight_dtype: str, mesh, embedding_dtype: str = "") -> dict:
+  """store_params jitted onto the stored leaves' shardings on `mesh` (perl_jax.sharding rules);
+  only the leaves that change are passed through the jitted function."""
+  if not weight_dtype and not embedding_dtype:
     return params
   import jax
+  from flax import traverse_util
   from perl_jax import sharding as sharding_lib
-  store = lambda p: store_params(p, weight_dtype)
-  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, params), mesh)
-  return jax.jit(store, out_shardings=shardings)(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  changing = {p: v for p, v in flat.items() if _format_of(p, weight_dtype, embedding_dtype)[0]}
+  if not changing:
+    return params
+
+  def store(leaves):
+    out = {}
+    for path, value in leaves.items():
+      out.update(store_kernel(value, path, weight_dtype, embedding_dtype))
+    return out
+
+  shardings = {p: jax.sharding.NamedSharding(mesh, sharding_lib.spec_for(p, s.shape, mesh))
+               for p, s in jax.eval_shape(store, changing).items()}
+  stored = jax.jit(store, out_shardings=shardings)(changing)
+  unchanged = {p: v for p, v in flat.items() if p not in changing}
+  return traverse_util.unflatten_dict({**unchanged, **stored}, sep="/")
 
 
-def store_kernel(value, path: str, weight_dtype: str) -> dict:
-  """{path: stored kernel} or {path: codes, <path>/../scale: scales} of one kernel (any other
-  leaf is returned as it is). weight_dtype: "" (as it is), "float32"/"bfloat16" (cast
-  projection kernels) or a quantised format."""
+def _format_of(path: str, weight_dtype: str, embedding_dtype: str
+               ) -> tuple[str, int | None, int]:
+  """(storage format, contraction axes, leading axes) of the leaf at `path`; format "" = kept."""
+  embedding = embedding_axes(path)
+  if embedding is not None:
+    return (embedding_dtype, embedding[1], embedding[0]) if embedding_dtype else ("", None, 0)
   n_in = contraction_axes(path) if weight_dtype else None
   if n_in is None:
+    return "", None, 0
+  return weight_dtype, n_in, 1 if re.search(r"(^|/)layers/", path) else 0
+
+
+def store_kernel(value, path: str, weight_dtype: str, embedding_dtype: str = "") -> dict:
+  """{path: stored kernel} or {path: codes, <path>/../scale: scales} of one leaf (any leaf that
+  is neither a projection kernel nor the output embedding is returned as it is).
+  weight_dtype (projection kernels) / embedding_dtype (the output embedding): "" (as it is),
+  "float32"/"bfloat16" (a cast) or a quantised format."""
+  fmt, n_in, n_lead = _format_of(path, weight_dtype, embedding_dtype)
+  if not fmt:
     return {path: value}
-  if not is_quantized(weight_dtype):
-    return {path: value.astype(weight_dtype)}
-  n_lead = 1 if re.search(r"(^|/)layers/", path) else 0
-  codes, scale = quantize(value, weight_dtype, n_in, n_lead)
-  return {path: codes, path[:-len("kernel")] + "scale": scale}
+  if not is_quantized(fmt):
+    return {path: value.astype(fmt)}
+  codes, scale = quantize(value, fmt, n_in, n_lead)
+  return {path: codes, scale_path(path): scale}
 
 
-def store_params(params: dict, weight_dtype: str) -> dict:
-  """A float backbone tree with its projection kernels stored as `weight_dtype` (see
-  store_kernel); pure, so under jit it runs on device on each kernel's sharding."""
-  if not weight_dtype:
+def store_params(params: dict, weight_dtype: str, embedding_dtype: str = "") -> dict:
+  """A float backbone tree with its projection kernels stored as `weight_dtype` and its output
+  embedding as `embedding_dtype` (see store_kernel); pure, so under jit it runs on device on
+  each kernel's sharding."""
+  if not weight_dtype and not embedding_dtype:
     return params
   from flax import traverse_util
   out = {}
   for path, value in traverse_util.flatten_dict(params, sep="/").items():
-    out.update(store_kernel(value, path, weight_dtype))
+    out.update(store_kernel(value, path, weight_dtype, embedding_dtype))
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def dequantize_slice(group: dict, name: str, fmt: str, axis: int, dtype, start=None,
+                     size: int | None = None):
+  """The float kernel group[name] (stored as `fmt`, scales in group["scale"]), or its
+  [start, start + size) slice along `axis` (the output embedding's vocabulary axis: 0 for the
+  tied [vocab, d] table, 1 for lm_head [d, vocab]); only that slice is dequantised."""
+  import jax
+  codes, scale = group[name], group.get("scale")
+  if start is not None:
+    codes = jax.lax.dynamic_slice_in_dim(codes, start, size, axis)
+    if scale is not None:
+      scale = jax.lax.dynamic_slice_in_dim(scale, start, size, axis)
+  if scale is None:
+    return codes.astype(dtype)
+  return dequantize(codes, scale, fmt, 1, dtype, n_lead=1 if axis == 0 else 0)
+
+
+def lookup_rows(group: dict, fmt: str, tokens, dtype):
+  """Rows `tokens` [...] of the [vocab, d] table group["input_embedding"], as floats [..., d]
+  (a quantised table: only the gathered rows are dequantised)."""
+  table, scale = group["input_embedding"], group.get("scale")
+  rows = jnp.take(table, tokens, axis=0)
+  if scale is None:
+    return rows.astype(dtype)
+  return dequantize(rows, jnp.take(scale, tokens, axis=0), fmt, 1, dtype, n_lead=tokens.ndim)

@@ -64,14 +64,14 @@ def new_backbone(model: model_lib.Transformer, seed: int, mesh) -> dict:
 
 def float_twin(model: model_lib.Transformer) -> model_lib.Transformer:
   """`model` with its projection kernels in param_dtype (what SFT trains and saves)."""
-  cfg = dataclasses.replace(model.cfg, weight_dtype="")
+  cfg = dataclasses.replace(model.cfg, weight_dtype="", embedding_dtype="")
   return model_lib.Transformer(cfg, model.lora, model.lora_targets)
 
 
 def store_backbone(params: dict, model: model_lib.Transformer, mesh) -> dict:
   """A float backbone with its projection kernels stored as model.cfg.weight_dtype (int8 / nf4
   quantised, perl_jax.quant), on device and on the kernels' shardings."""
-  return quant.store_on_mesh(params, model.cfg.weight_dtype, mesh)
+  return quant.store_on_mesh(params, model.cfg.weight_dtype, mesh, model.cfg.embedding_dtype)
 
 
 def load_backbone(sft_dir: str, model: model_lib.Transformer, mesh) -> dict:
@@ -89,15 +89,17 @@ def sharded_abstract(abstract, mesh):
                       abstract, sharding_lib.tree_shardings(abstract, mesh))
 
 
-def load_released(config: ml_collections.ConfigDict, mesh, weight_dtype: str | None = None
-                  ) -> dict:
+def load_released(config: ml_collections.ConfigDict, mesh, float_model: bool = False) -> dict:
   """The params of config.model.checkpoint, streamed onto `mesh` as model.param_dtype with the
-  projection kernels as `weight_dtype` (default model.weight_dtype; quantised as they are
-  read), in the model's layout (stacked when model.scan_layers)."""
+  projection kernels as model.weight_dtype (quantised as they are read) and the output
+  embedding as model.embedding_dtype, in the model's layout (stacked when model.scan_layers).
+  float_model: everything in param_dtype instead (the model SFT trains)."""
   from perl_jax import checkpoints
-  weight_dtype = config.model.weight_dtype if weight_dtype is None else weight_dtype
+  weight_dtype = "" if float_model else config.model.weight_dtype
   cfg, params, _ = checkpoints.load_checkpoint(config.model.checkpoint, mesh,
                                                config.model.param_dtype, weight_dtype)
+  if not float_model:
+    params = quant.store_on_mesh(params, "", mesh, config.model.embedding_dtype)
   if not config.model.scan_layers:
     return params
   abstract = jax.eval_shape(lambda p: model_lib.stack_layers(p, cfg.num_layers), params)

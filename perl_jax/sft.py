@@ -50,7 +50,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   tok = common.load_tokenizer(config)
   # SFT trains every weight (no adapters), in param_dtype: model.weight_dtype applies to the
   # frozen backbone the later stages load from it.
-  cfg = dataclasses.replace(common.model_cfg(config, tok.vocab_size), weight_dtype="")
+  cfg = dataclasses.replace(common.model_cfg(config, tok.vocab_size), weight_dtype="",
+                            embedding_dtype="")
   model = common.build_model(config, cfg, lora_rank=0)
   task = tasks.get(config.task)
   train_pairs, eval_pairs = task.sft_pairs(config, workdir)
@@ -59,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   train_arrays = batching.encode_sft(tok, train_pairs, config.data.max_len)
   eval_arrays = batching.encode_sft(tok, eval_pairs, config.data.max_len)
   if config.model.checkpoint:  # fine-tune a released model
-    initial = roles.load_released(config, mesh, weight_dtype="")
+    initial = roles.load_released(config, mesh, float_model=True)
   else:  # the demo trains its tiny backbone from scratch
     initial = roles.new_backbone(model, config.seed, mesh)
   trainable, frozen = lora_lib.split_variables({"params": initial}, full_finetune=True)

@@ -90,6 +90,8 @@ def _put_global(leaf, sharding):
 PARAM_RULES = (
     (r"embedder/input_embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"embedder/scale$", ("vocab", "embed")),  # a quantised output embedding's scales
+    (r"lm_head/scale$", ("embed", "vocab")),
     (r"attn/(q|k|v)/kernel$", ("embed", "heads", None)),
     (r"attn/o/kernel$", ("heads", None, "embed")),
     (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),

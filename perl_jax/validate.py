@@ -81,16 +81,19 @@ def _model(p: _Problems, config) -> None:
   p.choice(m.dtype, "model.dtype", DTYPES)
   p.choice(m.param_dtype, "model.param_dtype", DTYPES)
   p.choice(m.weight_dtype, "model.weight_dtype", ("",) + tuple(DTYPES) + quant.FORMATS)
+  p.choice(m.embedding_dtype, "model.embedding_dtype", ("",) + tuple(DTYPES) + quant.FORMATS)
   frozen_stages = set(config.stages) & {"prefs", "reward", "rl"}
-  if quant.is_quantized(m.weight_dtype) and frozen_stages:
-    p.need(isinstance(config.lora.rank, int) and config.lora.rank > 0, "model.weight_dtype",
-           f"{m.weight_dtype} stores a frozen backbone: it needs LoRA (lora.rank > 0), not full "
-           f"fine-tuning (lora.rank=0)")
+  for field in ("weight_dtype", "embedding_dtype"):
+    if quant.is_quantized(m[field]) and frozen_stages:
+      p.need(isinstance(config.lora.rank, int) and config.lora.rank > 0, f"model.{field}",
+             f"{m[field]} stores a frozen backbone: it needs LoRA (lora.rank > 0), not full "
+             f"fine-tuning (lora.rank=0)")
   policies = [k for k in dir(jax.checkpoint_policies) if not k.startswith("_")]
   p.need(m.remat_policy in policies, "model.remat_policy",
          f"must name a jax.checkpoint_policies policy such as 'nothing_saveable' or "
          f"'dots_saveable', got {m.remat_policy!r}")
   p.number(m, "model", "logprob_chunk_tokens", 0, integer=True)
+  p.number(m, "model", "logprob_vocab_tile", 0, integer=True)
   p.number(m, "model", "attention_chunk", 0, integer=True)
   if m.backbone not in ("", "random"):
     p.need(os.path.isdir(os.path.join(os.path.expanduser(m.backbone), "sft", "backbone")),

@@ -79,7 +79,11 @@ ALL_SMALL = [(path, arg) for path in CONFIGS for arg in _small_args(path)]
 # A config whose small mode is another's with fewer stages (configs/reward.py and configs/rl.py
 # are configs/demo.py's first stages) is checked to be exactly that, not run a second time.
 COVERED = {run: _covered_by(*run, ALL_SMALL) for run in ALL_SMALL}
-SMALL = [run for run in ALL_SMALL if COVERED[run] is None]
+# The demo's small mode is the README's main command shrunk; tests/test_pipeline.py runs that
+# command (configs/demo.py, every stage, shrunk by overrides) end to end, so the small mode is
+# checked (test_demo_small_mode_runs_as_the_pipeline_test), not run a second time.
+DEMO_SMALL = (os.path.join(ROOT, "configs", "demo.py"), "small")
+SMALL = [run for run in ALL_SMALL if COVERED[run] is None and run != DEMO_SMALL]
 SUBSETS = [run for run in ALL_SMALL if COVERED[run] is not None]
 
 
@@ -89,7 +93,43 @@ def test_small_mode_is_a_stage_prefix_of_a_run_one(path, arg):
   other = COVERED[(path, arg)]
   stages, other_stages = _load(path, arg)[0].stages, _load(*other)[0].stages
   assert tuple(other_stages[:len(stages)]) == tuple(stages), (stages, other_stages)
-  assert other in SMALL
+  assert other in SMALL + [DEMO_SMALL]
+
+
+def test_demo_small_mode_runs_as_the_pipeline_test():
+  """configs/demo.py:small differs from the config tests/test_pipeline.py runs only in sizes and
+  cadence: the same stages, task, model, data and algorithms."""
+  spec = importlib.util.spec_from_file_location("pipeline", os.path.join(ROOT, "tests",
+                                                                         "test_pipeline.py"))
+  pipeline = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pipeline)
+  small, shortened = _load(*DEMO_SMALL)[0], _load(DEMO_SMALL[0])[0]
+  _check_small_bounds(small, "configs/demo.py:small")
+  for key, value in pipeline.SHORTENED.items():
+    _get(shortened, key)  # the override names a field that exists
+  sizes = re.compile(r"(steps|batch_size|num_\w+|_every|max_new_tokens|max_len|prompt_len|"
+                     r"prompts_per_step|samples_per_prompt|warmup_steps|bt_scale|lr|"
+                     r"max_eval_rows|eval_batch_size)$")
+  flat = lambda c: {k: v for k, v in _flatten(c.to_dict()).items() if not sizes.search(k)}
+  assert flat(small) == flat(shortened)
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_small_bounds(small, name):
+  """A bound that a config ignoring the small arg fails (instead of running for hours)."""
+  for stage in set(small.stages) & {"sft", "reward", "rl"}:
+    tcfg = small[stage].train
+    assert tcfg.steps <= 30 and tcfg.batch_size <= 16, f"{name}: {stage}.train too big"
+  assert small.data.max_len <= 128, f"{name}: data.max_len too big"
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +267,7 @@ def test_small_mode_runs_end_to_end(path, arg, tmp_path, compilation_cache_dir):
               "rl.kl_mode", "lora.targets"):
     assert _get(small, key) == _get(full, key), f"{name}:{arg} changes {key}"
   assert (small.lora.rank > 0) == (full.lora.rank > 0)
-  # ... and small: a bound that a config ignoring the arg fails (instead of running for hours).
-  for stage in set(small.stages) & {"sft", "reward", "rl"}:
-    tcfg = small[stage].train
-    assert tcfg.steps <= 30 and tcfg.batch_size <= 16, f"{name}:{arg}: {stage}.train too big"
-  assert small.data.max_len <= 128, f"{name}:{arg}: data.max_len too big"
+  _check_small_bounds(small, f"{name}:{arg}")  # ... and small
   _with_data(small, tmp_path)
   small.lock()  # as the command line loads it
   workdir = str(tmp_path / "workdir")

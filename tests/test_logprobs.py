@@ -27,9 +27,12 @@ def _reference(cfg, params, hidden, targets):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2", "tiny-llama"])  # gemma2: soft-cap 30
-@pytest.mark.parametrize("chunk_tokens", [1, 7, 0])
-def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(preset, chunk_tokens):
-  cfg = model_lib.model_config(preset)
+@pytest.mark.parametrize("chunk_tokens,vocab_tile", [(1, 0), (7, 0), (0, 0), (7, 100), (0, 64)])
+def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(preset, chunk_tokens,
+                                                                      vocab_tile):
+  """vocab_tile 100 of 256 rows: the last tile overlaps the one before (rows counted once)."""
+  cfg = dataclasses.replace(model_lib.model_config(preset), logprob_vocab_tile=vocab_tile)
+  assert vocab_tile < cfg.vocab_size
   params = model_lib.init_variables(model_lib.build(cfg), jax.random.key(0))["params"]
   # Scale the embedding up so soft-capping (tanh(z / 30) * 30) is far from the identity.
   params = jax.tree.map(lambda x: x * 40.0, params) if cfg.final_logit_softcap else params

@@ -52,9 +52,9 @@ def test_quant_nf4_codes_are_the_nearest_normal_quantile():
   np.testing.assert_array_equal(values[:, 0], nearest)
 
 
-def _tiny(weight_dtype="", rank=4, scan=False):
-  cfg = model_lib.model_config("tiny-gemma3", vocab_size=256, scan_layers=scan,
-                               weight_dtype=weight_dtype)
+def _tiny(weight_dtype="", rank=4, scan=False, embedding_dtype="", preset="tiny-gemma3"):
+  cfg = model_lib.model_config(preset, vocab_size=256, scan_layers=scan,
+                               weight_dtype=weight_dtype, embedding_dtype=embedding_dtype)
   return model_lib.build(cfg, rank)
 
 
@@ -155,3 +155,62 @@ def test_quant_weights_need_lora_and_load_quantised_from_a_released_checkpoint(t
   assert q["kernel"].dtype == jnp.int8 and q["scale"].shape == (1,) + q["kernel"].shape[1:]
   codes, scale = quant.quantize(np.asarray(params["layer_0"]["attn"]["q"]["kernel"]), "int8", 1)
   np.testing.assert_array_equal(np.asarray(q["kernel"]), codes)
+  # ... and with the output embedding quantised too (model.embedding_dtype), on a mesh.
+  from perl_jax import config_base, roles
+  config = config_base.base_config()
+  config.model.update(checkpoint=directory, weight_dtype="nf4", embedding_dtype="int8",
+                      scan_layers=False)
+  mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  stored = roles.load_released(config, mesh)
+  table = np.asarray(params["embedder"]["input_embedding"])
+  codes, scale = quant.quantize(table, "int8", 1, n_lead=1)
+  np.testing.assert_array_equal(np.asarray(stored["embedder"]["input_embedding"]), codes)
+  np.testing.assert_array_equal(np.asarray(stored["embedder"]["scale"]), scale)
+  assert stored["layer_0"]["attn"]["q"]["kernel"].dtype == jnp.uint8
+  floats = roles.load_released(config, mesh, float_model=True)
+  assert floats["embedder"]["input_embedding"].dtype == jnp.float32
+  assert "scale" not in floats["embedder"]
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-llama"])  # tied table / untied lm_head
+def test_quant_output_embedding_is_read_as_stored_in_lookups_logits_and_vocab_tiles(fmt, preset):
+  """model.embedding_dtype: the quantised table gives exactly the dequantised table's logits, and
+  log-probs built in vocabulary tiles (each dequantised on its own) equal them; the tied
+  table's scales are per row (int8) or per 64 of d (nf4); the embedding is never trained."""
+  from flax import traverse_util
+  from perl_jax import logprobs
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)))
+  float_model, quant_model = _tiny(preset=preset), _tiny("int8", embedding_dtype=fmt,
+                                                          preset=preset)
+  variables = model_lib.init_variables(float_model, jax.random.key(0))
+  quantized = model_lib.init_variables(quant_model, jax.random.key(0))
+  flat = traverse_util.flatten_dict(quantized["params"], sep="/")
+  d = quant_model.cfg.d_model
+  assert flat["embedder/scale"].shape == (
+      (256, 1) if fmt == "int8" else (256, d // quant.nf4_block(d)))
+  dequantized = dict(flat)
+  tables = {"embedder/input_embedding": 1}  # (path: leading axes) of each vocabulary table
+  if not quant_model.cfg.tie_embeddings:
+    tables["lm_head/kernel"] = 0
+  for name, n_lead in tables.items():
+    dequantized[name] = quant.dequantize(flat[name], flat[quant.scale_path(name)], fmt, 1,
+                                         jnp.float32, n_lead)
+    del dequantized[quant.scale_path(name)]
+  for path, value in flat.items():  # the int8 projection kernels, as the float model reads them
+    n_in = quant.contraction_axes(path)
+    if n_in:
+      dequantized[path] = quant.dequantize(value, flat[quant.scale_path(path)], "int8", n_in)
+      del dequantized[quant.scale_path(path)]
+  same = {**variables, "params": traverse_util.unflatten_dict(dequantized, sep="/")}
+  out, want = _logits(quant_model, quantized, tokens), _logits(float_model, same, tokens)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+  hidden = jax.random.normal(jax.random.key(1), (2, 12, d))
+  tiled_cfg = dataclasses.replace(quant_model.cfg, logprob_vocab_tile=96)
+  got = logprobs.token_logprobs(tiled_cfg, quantized["params"], hidden, tokens, 0, True)
+  ref = logprobs.token_logprobs(float_model.cfg, same["params"], hidden, tokens, 0, True)
+  for g, w in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  assert model_lib.vocab_tile(quant_model.cfg) == 256  # the default tile: 16,384 rows at most
+  trainable, _ = lora_lib.split_variables(quantized, full_finetune=False)
+  assert set(trainable) == {lora_lib.ADAPTER}
