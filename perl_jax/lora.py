@@ -71,7 +71,19 @@ class LoRAProjection(nn.Module):
     n_in = len(self.in_shape)
     fan_in = math.prod(self.in_shape)
     shape = self.in_shape + self.out_shape
-    if self.weight_format:
+    if self.weight_format == "gguf":
+      # The leaves' shapes depend on the file's block types (quant module docstring): read
+      # what is there; initialisation makes quantize_gguf's layout.
+      if self.is_initializing():
+        leaves = {name: self.param(name, nn.initializers.zeros, leaf_shape, jnp.float32
+                                   if name == "scale" else jnp.uint8)
+                  for name, leaf_shape in quant.gguf_shapes(shape, n_in).items()}
+      else:
+        leaves = {name: self.get_variable("params", name)
+                  for name in ("kernel", "high", "scale", "offset")
+                  if self.has_variable("params", name)}
+      kernel = quant.dequantize_gguf(leaves, n_in, self.dtype)
+    elif self.weight_format:
       codes_shape, scale_shape = quant.stored_shapes(shape, self.weight_format, n_in)
       codes = self.param("kernel", nn.initializers.zeros, codes_shape,
                          jnp.int8 if self.weight_format == "int8" else jnp.uint8)
@@ -251,16 +263,20 @@ def check_adapter_tree(expected, adapter, what: str = "adapter") -> None:
                    + _layout_hint(want, got))
 
 
+_CODES = ("kernel", "input_embedding")  # leaves that hold a quantised table's codes
+
+
 def count_params(tree) -> int:
-  """Number of weights in a tree of arrays or ShapeDtypeStructs. A quantised kernel
+  """Number of weights in a tree of arrays or ShapeDtypeStructs. A quantised kernel or table
   (perl_jax.quant: integer codes with a `scale` beside them) counts the weights it stands for:
-  two per uint8 (NF4 packs two codes in a byte), and its scales count none."""
+  two per uint8 (NF4 and gguf pack two codes, or their low bits, in a byte); its scales,
+  offsets and high bits count none."""
   total = 0
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     name = path[-1].key if path and hasattr(path[-1], "key") else ""
-    if name == "kernel" and jnp.dtype(x.dtype) == jnp.uint8:
+    if name in _CODES and jnp.dtype(x.dtype) == jnp.uint8:
       total += 2 * math.prod(x.shape)
-    elif not (name == "scale" and _beside_quantized_kernel(tree, path)):
+    elif not (name in ("scale", "high", "offset") and _beside_quantized_kernel(tree, path)):
       total += math.prod(x.shape)
   return total
 
@@ -269,8 +285,10 @@ def _beside_quantized_kernel(tree, path) -> bool:
   parent = tree
   for key in path[:-1]:
     parent = parent[key.key if hasattr(key, "key") else key.idx]
-  kernel = parent.get("kernel") if isinstance(parent, Mapping) else None
-  return kernel is not None and jnp.dtype(kernel.dtype) in (jnp.int8, jnp.uint8)
+  if not isinstance(parent, Mapping):
+    return False
+  codes = [parent[name] for name in _CODES if name in parent]
+  return bool(codes) and jnp.dtype(codes[0].dtype) in (jnp.int8, jnp.uint8)
 
 
 def split_variables(variables: dict, full_finetune: bool) -> tuple[dict, dict]:

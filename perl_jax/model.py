@@ -66,7 +66,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # storage dtype of the backbone
   # Storage of the frozen projection kernels (attention q/k/v/o, MLP): "" = param_dtype,
-  # "float32"/"bfloat16", or "int8"/"nf4" (perl_jax.quant: dequantised inside each matmul).
+  # "float32"/"bfloat16", or "int8"/"nf4"/"gguf" (perl_jax.quant: dequantised inside each
+  # matmul).
   weight_dtype: str = ""
   # Storage of the vocabulary tables (the tied embedding; or the input embedding and lm_head):
   # "" = param_dtype, "float32"/"bfloat16", or "int8"/"nf4" (gathered rows and vocabulary tiles

@@ -6,6 +6,13 @@ heads, norms, embeddings and optimizer state keep their float dtypes.
 
   int8  symmetric, one scale per output channel: kernel ~ codes * scale, codes in [-127, 127],
         scale = max |w| over the contraction axes / 127 (f32).
+  gguf  a GGUF file's own blocks, kept exactly (checkpoints.gguf): kernel ~ (code - bias) *
+        scale + offset per block of the last contraction axis (32, or 16 where a Q6_K layer
+        shares the path), codes of `bits` bits (5, 6 or 8: the widest layer of the path; bias
+        2^(bits-1)), f32 scale and, for K-quants with minimums, offset. Leaves: `kernel` (low
+        4 bits, two per byte), `high` (the bits above them, packed 8 // (bits - 4) per byte),
+        `scale` and `offset`. A float kernel (random or SFT backbones) becomes 8-bit blocks of
+        32 with absmax scales.
   nf4   QLoRA's NormalFloat4: blocks of 64 along the last contraction axis (fewer when that
         axis is shorter, see nf4_block), each scaled by its absmax (bf16) and rounded to the
         nearest of 16 normal quantiles; two codes per byte.
@@ -33,7 +40,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("int8", "nf4")
+FORMATS = ("int8", "nf4", "gguf")
 NF4_BLOCK = 64
 # QLoRA's NF4 code values (Dettmers et al. 2023, appendix E), in increasing order.
 NF4_VALUES = np.array([
@@ -197,6 +204,11 @@ def store_kernel(value, path: str, weight_dtype: str, embedding_dtype: str = "")
     return {path: value}
   if not is_quantized(fmt):
     return {path: value.astype(fmt)}
+  if fmt == "gguf":
+    if embedding_axes(path) is not None:
+      raise ValueError("embedding_dtype 'gguf' is not supported: use int8 or nf4")
+    base = path.rsplit("/", 1)[0]
+    return {f"{base}/{leaf}": v for leaf, v in quantize_gguf(value, n_in, n_lead).items()}
   codes, scale = quantize(value, fmt, n_in, n_lead)
   return {path: codes, scale_path(path): scale}
 
@@ -238,3 +250,89 @@ def lookup_rows(group: dict, fmt: str, tokens, dtype):
   if scale is None:
     return rows.astype(dtype)
   return dequantize(rows, jnp.take(scale, tokens, axis=0), fmt, 1, dtype, n_lead=tokens.ndim)
+
+
+# ----------------------------------------------------------------------------- gguf blocks
+
+GGUF_BLOCK = 32  # blocks of a float kernel stored as "gguf" (Q8_0's length)
+
+
+def pack_bits(values, bits: int, axis: int):
+  """uint8 `values` < 2**bits packed 8 // bits per byte along `axis` (the first in the low
+  bits), numpy or jax."""
+  xp = _xp(values)
+  per = 8 // bits
+  v = xp.moveaxis(values.astype(xp.uint8), axis, -1)
+  v = v.reshape(v.shape[:-1] + (v.shape[-1] // per, per))
+  packed = v[..., 0]
+  for j in range(1, per):
+    packed = packed | (v[..., j] << (bits * j))
+  return xp.moveaxis(packed.astype(xp.uint8), -1, axis)
+
+
+def unpack_bits(packed, bits: int, axis: int):
+  """The inverse of pack_bits."""
+  xp = _xp(packed)
+  per, mask = 8 // bits, (1 << bits) - 1
+  p = xp.moveaxis(packed, axis, -1)
+  parts = xp.stack([(p >> (bits * j)) & mask for j in range(per)], axis=-1)
+  return xp.moveaxis(parts.reshape(p.shape[:-1] + (p.shape[-1] * per,)), -1, axis)
+
+
+def gguf_leaves(codes, scale, offset, bits: int, axis: int) -> dict:
+  """Stored "gguf" leaves of signed integer `codes` (|code| < 2**(bits-1)) with per-block
+  `scale` / `offset` (None: no minimums), blocks and packing along `axis`."""
+  xp = _xp(codes)
+  unsigned = (codes.astype(xp.int32) + (1 << (bits - 1))).astype(xp.uint8)
+  leaves = {"kernel": pack_bits(unsigned & 15, 4, axis),
+            "high": pack_bits(unsigned >> 4, bits - 4, axis),
+            "scale": scale.astype(xp.float32)}
+  if offset is not None:
+    leaves["offset"] = offset.astype(xp.float32)
+  return leaves
+
+
+def gguf_bits(leaves: dict, axis: int) -> int:
+  """Code width of stored "gguf" leaves, from the packed shapes."""
+  n = leaves["kernel"].shape[axis] * 2
+  return 4 + 8 * leaves["high"].shape[axis] // n
+
+
+def dequantize_gguf(leaves: dict, n_in: int, dtype=jnp.float32, n_lead: int = 0):
+  """The float kernel stored "gguf" leaves stand for: (code - bias) * scale (+ offset), in f32
+  first (the GGUF reference's arithmetic, so the values are exactly the file's), then `dtype`."""
+  xp = _xp(leaves["kernel"])
+  axis = n_lead + n_in - 1
+  bits = gguf_bits(leaves, axis)
+  unsigned = unpack_bits(leaves["kernel"], 4, axis) | (unpack_bits(leaves["high"], bits - 4,
+                                                                   axis) << 4)
+  codes = (unsigned.astype(xp.int32) - (1 << (bits - 1))).astype(xp.float32)
+  shape, num_blocks = codes.shape, leaves["scale"].shape[axis]
+  blocks = codes.reshape(shape[:axis] + (num_blocks, shape[axis] // num_blocks) + shape[axis + 1:])
+  values = blocks * xp.expand_dims(leaves["scale"].astype(xp.float32), axis + 1)
+  if "offset" in leaves:
+    values = values + xp.expand_dims(leaves["offset"].astype(xp.float32), axis + 1)
+  return values.reshape(shape).astype(dtype)
+
+
+def quantize_gguf(kernel, n_in: int, n_lead: int = 0) -> dict:
+  """"gguf" leaves of a float kernel: 8-bit symmetric blocks of 32 (or the whole axis when it
+  is shorter), absmax / 127 scales, no offset."""
+  xp = _xp(kernel)
+  w = kernel.astype(xp.float32)
+  axis = n_lead + n_in - 1
+  block = GGUF_BLOCK if w.shape[axis] % GGUF_BLOCK == 0 else w.shape[axis]
+  blocks = w.reshape(w.shape[:axis] + (w.shape[axis] // block, block) + w.shape[axis + 1:])
+  scale = xp.max(xp.abs(blocks), axis=axis + 1) * (1 / 127)
+  safe = xp.expand_dims(xp.where(scale == 0, 1, scale), axis + 1)
+  codes = xp.clip(xp.round(blocks / safe), -127, 127).reshape(w.shape).astype(xp.int8)
+  return gguf_leaves(codes, scale, None, 8, axis)
+
+
+def gguf_shapes(shape: tuple, n_in: int, n_lead: int = 0) -> dict:
+  """Leaf shapes of a float kernel of `shape` stored "gguf" by quantize_gguf."""
+  shape, axis = tuple(shape), n_lead + n_in - 1
+  block = GGUF_BLOCK if shape[axis] % GGUF_BLOCK == 0 else shape[axis]
+  at = lambda n: shape[:axis] + (n,) + shape[axis + 1:]
+  return {"kernel": at(shape[axis] // 2), "high": at(shape[axis] // 2),
+          "scale": at(shape[axis] // block)}

@@ -105,10 +105,10 @@ PARAM_RULES = (
     (r"mlp/down/lora_a$", ("mlp", None)),
     (r"mlp/down/lora_b$", (None, "embed")),
     # Scales of quantised kernels (perl_jax.quant) have their kernel's rank and sharding.
-    (r"attn/(q|k|v)/scale$", ("embed", "heads", None)),
-    (r"attn/o/scale$", ("heads", None, "embed")),
-    (r"mlp/(gate|up)/scale$", ("embed", "mlp")),
-    (r"mlp/down/scale$", ("mlp", "embed")),
+    (r"attn/(q|k|v)/(scale|high|offset)$", ("embed", "heads", None)),
+    (r"attn/o/(scale|high|offset)$", ("heads", None, "embed")),
+    (r"mlp/(gate|up)/(scale|high|offset)$", ("embed", "mlp")),
+    (r"mlp/down/(scale|high|offset)$", ("mlp", "embed")),
     (r"(scale|score_head/kernel|score_head/bias)$", None),  # small: replicated
     (r"(^|/)(count|step|mu|nu)$|^step$", None),  # optimizer counters and scalars
 )

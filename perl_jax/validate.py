@@ -81,7 +81,7 @@ def _model(p: _Problems, config) -> None:
   p.choice(m.dtype, "model.dtype", DTYPES)
   p.choice(m.param_dtype, "model.param_dtype", DTYPES)
   p.choice(m.weight_dtype, "model.weight_dtype", ("",) + tuple(DTYPES) + quant.FORMATS)
-  p.choice(m.embedding_dtype, "model.embedding_dtype", ("",) + tuple(DTYPES) + quant.FORMATS)
+  p.choice(m.embedding_dtype, "model.embedding_dtype", ("",) + tuple(DTYPES) + ("int8", "nf4"))
   frozen_stages = set(config.stages) & {"prefs", "reward", "rl"}
   for field in ("weight_dtype", "embedding_dtype"):
     if quant.is_quantized(m[field]) and frozen_stages:

@@ -194,8 +194,18 @@ def load(path: str, mesh=None, dtype: str = "float32", tokenizer_path: str | Non
   names = hf.tensor_names(cfg)
   hf.check_names(found, names, path)
 
+  keep_blocks = weight_dtype == "gguf"
+  layouts = block_layouts(tensors, by_hf, names) if keep_blocks else {}
+
   def read(name):
     tensor = tensors[by_hf[name]]
+    if keep_blocks and names[name] in layouts:
+      blocks = blocks_as_stored(tensor, layouts[names[name]])
+      if not gemma and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+        blocks = {k: v if k == "bits" or v is None else _unpermute(v, heads)
+                  for k, v in blocks.items()}
+      return blocks
     weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     weight = weight.reshape(shapes[tensor.name])
     if gemma and name.endswith("norm.weight"):
@@ -209,6 +219,103 @@ def load(path: str, mesh=None, dtype: str = "float32", tokenizer_path: str | Non
   params = hf.place_tensors(cfg, names, found, read, mesh, path, weight_dtype)
   return (dataclasses.replace(cfg, weight_dtype=weight_dtype), params,
           tokenizer_from_reader(gguf_reader, path, tokenizer_path))
+
+
+# ----------------------------------------------------------------------------- blocks kept
+
+def _f16(raw) -> np.ndarray:
+  return raw.view(np.float16).astype(np.float32)
+
+
+def _q8_0(b):
+  d, x = _f16(b[:, :2]), b[:, 2:].view(np.int8)
+  return x, d, None, 8, 32
+
+
+def _q4_0(b):
+  d, qs = _f16(b[:, :2]), b[:, 2:]
+  q = (qs.reshape(len(b), 1, 16) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)) & 15
+  return q.reshape(len(b), 32).astype(np.int8) - 8, d, None, 5, 32
+
+
+def _q5_0(b):
+  d, qh, qs = _f16(b[:, :2]), b[:, 2:6].copy().view(np.uint32), b[:, 6:]
+  high = ((qh.reshape(len(b), 1) >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+  low = ((qs.reshape(len(b), 1, 16) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)) & 15)
+  q = (low.reshape(len(b), 32) | (high << 4)).astype(np.int8) - 16
+  return q, d, None, 5, 32
+
+
+def _q4_k(b):
+  import gguf
+  n = len(b)
+  d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+  sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])
+  q = (b[:, 16:].reshape(n, -1, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15
+  scale = d * sc.astype(np.float32)  # [n, 8]: exact in f32 (f16 times a 6-bit integer)
+  offset = -(dmin * m.astype(np.float32))
+  return q.reshape(n, 256).astype(np.int8), scale, offset, 5, 32
+
+
+def _q6_k(b):
+  n = len(b)
+  ql, qh = b[:, :128], b[:, 128:192]
+  scales, d = b[:, 192:208].view(np.int8).astype(np.float32), _f16(b[:, 208:210])
+  low = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15
+  high = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+  q = (low.reshape(n, -1, 32) | (high.reshape(n, -1, 32) << 4)).astype(np.int8) - 32
+  return q.reshape(n, 256), d * scales, None, 6, 16
+
+
+# GGML block type -> (decoder, bytes per block, bits, values per block, has minimums). A decoder
+# maps raw blocks [n, bytes] to (signed codes [n, values], scale [n, blocks], offset or None,
+# ...), mirroring gguf.quants' reference dequantizer up to its last multiply(-add), so
+# code * scale (+ offset) in f32 is exactly what that returns.
+_BLOCK_TYPES = {"Q8_0": (_q8_0, 34, 8, 32, False), "Q4_0": (_q4_0, 18, 5, 32, False),
+                "Q5_0": (_q5_0, 22, 5, 32, False), "Q4_K": (_q4_k, 144, 5, 32, True),
+                "Q6_K": (_q6_k, 210, 6, 16, False)}
+
+
+def _block_type(tensor) -> tuple:
+  name = tensor.tensor_type.name
+  if name not in _BLOCK_TYPES:
+    raise ValueError(f"weight_dtype 'gguf' keeps {', '.join(_BLOCK_TYPES)} blocks; tensor "
+                     f"{tensor.name} is {name}: use int8 or nf4 for this file")
+  return _BLOCK_TYPES[name]
+
+
+def block_layouts(tensors: dict, by_hf: dict, names: dict) -> dict:
+  """perl_jax path -> (bits, block, offset?) shared by every layer of a projection (layers
+  under nn.scan are stacked, so they need one layout): the widest codes, the shortest blocks,
+  an offset if any layer has minimums (K-quants)."""
+  from perl_jax import quant
+  groups = {}
+  for hf_tensor, path in names.items():
+    if quant.contraction_axes(path) is not None:
+      kind = _block_type(tensors[by_hf[hf_tensor]])
+      groups.setdefault(path.split("/", 1)[1], []).append((path, kind))
+  layouts = {}
+  for members in groups.values():
+    kinds = [kind for _, kind in members]
+    layout = (max(k[2] for k in kinds), min(k[3] for k in kinds), any(k[4] for k in kinds))
+    layouts.update({path: layout for path, _ in members})
+  return layouts
+
+
+def blocks_as_stored(tensor, layout: tuple[int, int, bool]) -> dict:
+  """{"codes" [out, in] int8, "scale" / "offset" [out, in / block] f32 (offset None without
+  minimums), "bits"} of a quantised GGUF tensor in HF layout, in its path's shared layout."""
+  bits, block, with_offset = layout
+  decode, type_bytes, _, own_block, _ = _block_type(tensor)
+  rows = int(np.prod([int(n) for n in tensor.shape[1:]]))
+  codes, scale, offset, *_ = decode(np.asarray(tensor.data).reshape(-1, type_bytes))
+  repeat = own_block // block  # a 32-block tensor on a path with 16-blocks: each scale twice
+  scale = np.repeat(scale.reshape(rows, -1), repeat, axis=1)
+  if with_offset:
+    offset = (np.zeros_like(scale) if offset is None
+              else np.repeat(offset.reshape(rows, -1), repeat, axis=1))
+  return {"codes": codes.reshape(rows, -1), "scale": scale,
+          "offset": offset if with_offset else None, "bits": bits}
 
 
 # ----------------------------------------------------------------------------- tokenizer

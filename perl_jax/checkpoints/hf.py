@@ -374,6 +374,11 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
   for name, path in names.items():
     want = abstract[path]
     array = read(name)
+    if isinstance(array, dict):  # quantised blocks kept as the file stores them (GGUF)
+      stored = _stored_blocks(path, array, want.shape, found.get(name, source), name)
+      flat.update({p: put(v, p, v.dtype, mesh) for p, v in stored.items()})
+      progress.update(len(flat))
+      continue
     expected = hf_shape(path, want.shape)
     if tuple(array.shape) != expected:
       raise ValueError(f"{found.get(name, source)}: tensor {name} has shape {tuple(array.shape)}, "
@@ -384,6 +389,24 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
     del array
     progress.update(len(flat))
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _stored_blocks(path: str, blocks: dict, shape: tuple, source: str, name: str) -> dict:
+  """The "gguf" leaves (perl_jax.quant) of one kernel's blocks in HF layout ({"codes" [out, in],
+  "scale"/"offset" [out, in / block], "bits"}), in the perl_jax layout of `shape`."""
+  from perl_jax import quant
+  expected = hf_shape(path, shape)
+  if tuple(blocks["codes"].shape) != expected:
+    raise ValueError(f"{source}: tensor {name} has shape {tuple(blocks['codes'].shape)}, "
+                     f"expected {expected} (perl_jax {path} {tuple(shape)})")
+  axis = _in_dims(path) - 1
+  per_block = expected[1] // blocks["scale"].shape[1]
+  block_shape = shape[:axis] + (shape[axis] // per_block,) + shape[axis + 1:]
+  as_perl = lambda a, s: None if a is None else to_perl(path, a, s)
+  leaves = quant.gguf_leaves(to_perl(path, blocks["codes"], shape),
+                             as_perl(blocks["scale"], block_shape),
+                             as_perl(blocks["offset"], block_shape), blocks["bits"], axis)
+  return {f"{path.rsplit('/', 1)[0]}/{leaf}": v for leaf, v in leaves.items()}
 
 
 def put(host: np.ndarray, path: str, dtype, mesh) -> jax.Array:
