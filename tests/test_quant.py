@@ -243,6 +243,22 @@ def test_quant_gguf_leaves_pack_codes_exactly_and_float_kernels_round_trip(bits)
   assert np.all(np.abs(quant.dequantize_gguf(stored, 1) - w) <= step / 2 * 1.01 + 1e-9)
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q5_0", "Q8_0"])
+def test_quant_gguf_decoders_match_the_reference_on_blocks_gguf_writes(ggml_type):
+  """The block types gguf-py can write (the K-quants come from the released file below)."""
+  import gguf
+  from perl_jax.checkpoints import gguf as gguf_lib
+  qtype = gguf.GGMLQuantizationType[ggml_type]
+  raw = gguf.quants.quantize(np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32),
+                             qtype)
+  decode, type_bytes, bits, block, _ = gguf_lib._BLOCK_TYPES[ggml_type]
+  codes, scale, offset, *_ = decode(raw.reshape(-1, type_bytes))
+  half = 1 << (bits - 1)
+  assert offset is None and -half <= codes.min() and codes.max() < half
+  got = (codes.reshape(-1, block) * scale.reshape(-1, 1)).reshape(6, 64)
+  np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qtype).reshape(6, 64))
+
+
 def test_quant_gguf_keeps_the_gemma3_270m_files_blocks_exactly():
   """weight_dtype="gguf" on the released Q4_K_M file: every block type it holds (Q4_K, Q5_0,
   Q6_K, Q8_0) decodes to codes, scales and offsets whose f32 multiply-add is bit for bit what
