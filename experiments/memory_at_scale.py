@@ -63,6 +63,8 @@ _REMAT = flags.DEFINE_bool("remat", True, "rematerialise layers in the backward 
 _SCAN = flags.DEFINE_bool("scan_layers", True, "layers under nn.scan (False: unrolled)")
 _ATTENTION_CHUNK = flags.DEFINE_integer("attention_chunk", 128, "queries per attention block "
                                         "(model.attention_chunk; 0 = all at once)")
+_MLP_CHUNK = flags.DEFINE_integer("mlp_chunk", 0, "positions per MLP block (model.mlp_chunk; 0 = "
+                                  "all at once)")
 flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,8,1; reports per-device bytes")
 
 
@@ -80,7 +82,8 @@ def main(argv):
     cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16",
                                  weight_dtype=weight_dtype, embedding_dtype=embedding_dtype,
                                  remat=_REMAT.value,
-                                 scan_layers=_SCAN.value, attention_chunk=_ATTENTION_CHUNK.value)
+                                 scan_layers=_SCAN.value, attention_chunk=_ATTENTION_CHUNK.value,
+                                 mlp_chunk=_MLP_CHUNK.value)
     t0 = time.perf_counter()
     rm = memory.reward_step_memory(cfg, rank, _RM_PAIRS.value, _RM_LEN.value, mesh=mesh)
     rl = memory.rl_step_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,

@@ -52,7 +52,7 @@ def model_cfg(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
                    remat=m.remat,
                    remat_policy=m.remat_policy, scan_layers=m.scan_layers,
                    logprob_chunk_tokens=m.logprob_chunk_tokens,
-                   attention_chunk=m.attention_chunk)
+                   attention_chunk=m.attention_chunk, mlp_chunk=m.mlp_chunk)
   if config.model.checkpoint:
     cfg = _describe_checkpoint(config.model.checkpoint)[0]
     if cfg.vocab_size < vocab_size:

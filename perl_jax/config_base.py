@@ -120,6 +120,11 @@ def base_config() -> ml_collections.ConfigDict:
       # and recomputed in the backward pass, on their own (exact; soft-cap and sliding window
       # kept). 0 = all queries at once. Sequences not a multiple of it run as one block.
       attention_chunk=128,
+      # Positions per MLP block: each layer's [batch, positions, mlp_dim] intermediates are
+      # computed and recomputed in the backward pass a block at a time (exact). 0 = all at
+      # once; lengths it does not divide run as one block. Worth it at real sizes (gemma-7b:
+      # 16 x 512 tokens x 24,576 x 6 buffers = 2.4 GB at once).
+      mlp_chunk=0,
       # Where later stages get the frozen backbone: "" = this workdir's sft stage; a path = the
       # workdir of a finished sft run; "random" = fresh initialisation (for tests and benchmarks).
       backbone="",

@@ -82,7 +82,8 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
   dtype (f32 adapters; param_dtype under full tuning); saved: the layer
   inputs that scan + remat keeps for the backward pass, per differentiated forward (`passes`);
   layer: the working set of one layer recomputed and differentiated (f32 attention scores,
-  probabilities and their gradient; the MLP's gate, up, activation and their gradients);
+  probabilities and their gradient; the MLP's gate, up, activation and their gradients, for
+  one block of model.mlp_chunk positions);
   logits: one chunk of f32 logits (`logit_columns` vocabulary rows of it at a time: the whole
   vocabulary, or one tile of model.logprob_vocab_tile plus that tile of the table in the
   compute dtype), its softmax and gradient (log-prob steps only).
@@ -95,7 +96,7 @@ def analytic_bytes(cfg: model_lib.ModelConfig, sequences: int, seq_len: int, tra
          "optimizer": trainable * (8 + grad),
          "saved": passes * cfg.num_layers * tokens * cfg.d_model * act,
          "layer": (3 * sequences * cfg.num_heads * seq_len * seq_len * 4
-                   + 6 * tokens * cfg.mlp_dim * act),
+                   + 6 * tokens // model_lib.mlp_blocks(cfg, seq_len) * cfg.mlp_dim * act),
          "logits": 0}
   if logit_tokens:
     columns = logit_columns or cfg.vocab_size

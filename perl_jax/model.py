@@ -90,6 +90,10 @@ class ModelConfig:
   # dequantised tile of a quantised embedding) exist at once. 0 = the whole vocabulary at once
   # for a float embedding, EMBEDDING_TILE rows for a quantised one.
   logprob_vocab_tile: int = 0
+  # Positions per MLP block: a layer's [B, T, mlp_dim] intermediates (gate, up, their product
+  # and gradients) are computed, and recomputed in the backward pass, a block at a time. 0 =
+  # all positions at once; lengths it does not divide run as one block.
+  mlp_chunk: int = 0
   # Queries per attention block (perl_jax.model.attend): a layer's f32 scores are computed and
   # rematerialised [B, heads, chunk, S] at a time. 0 = all queries at once.
   attention_chunk: int = 0
@@ -345,11 +349,36 @@ class Block(nn.Module):
     if cfg.post_norms:
       h = norm("post_attention_norm")(h)
     x = x + h
-    h = MLP(cfg, self.lora, self.lora_targets, f"{path}/mlp", name="mlp")(
-        norm("pre_ffw_norm")(x), deterministic)
+    h = norm("pre_ffw_norm")(x)
+    blocks = mlp_blocks(cfg, h.shape[1])
+    if blocks == 1:
+      h = MLP(cfg, self.lora, self.lora_targets, f"{path}/mlp", name="mlp")(h, deterministic)
+    else:  # positions in blocks of cfg.mlp_chunk, each rematerialised on its own
+      scanned = nn.scan(nn.remat(_MLPBlock, prevent_cse=False),
+                        variable_broadcast=["params", lora_lib.ADAPTER],
+                        split_rngs={"params": False, "dropout": True}, length=blocks)
+      chunks = jnp.moveaxis(h.reshape(h.shape[0], blocks, -1, h.shape[-1]), 1, 0)
+      _, out = scanned(cfg, self.lora, self.lora_targets, f"{path}/mlp", deterministic,
+                       name="mlp")(None, chunks)
+      h = jnp.moveaxis(out, 0, 1).reshape(h.shape)
     if cfg.post_norms:
       h = norm("post_ffw_norm")(h)
     return x + h, cache
+
+
+def mlp_blocks(cfg: ModelConfig, length: int) -> int:
+  """How many blocks of positions the MLP runs in (cfg.mlp_chunk; 1 = all at once)."""
+  chunk = cfg.mlp_chunk
+  return length // chunk if chunk and length > chunk and length % chunk == 0 else 1
+
+
+class _MLPBlock(MLP):
+  """The MLP on one block of positions, the body of Block's scan over blocks: the same params
+  (broadcast, not stacked: the layout is MLP's), [B, T, mlp] intermediates one block at a time."""
+  deterministic: bool = True
+
+  def __call__(self, carry, x):
+    return carry, super().__call__(x, self.deterministic)
 
 
 class ScannedBlock(Block):

@@ -95,6 +95,7 @@ def _model(p: _Problems, config) -> None:
   p.number(m, "model", "logprob_chunk_tokens", 0, integer=True)
   p.number(m, "model", "logprob_vocab_tile", 0, integer=True)
   p.number(m, "model", "attention_chunk", 0, integer=True)
+  p.number(m, "model", "mlp_chunk", 0, integer=True)
   if m.backbone not in ("", "random"):
     p.need(os.path.isdir(os.path.join(os.path.expanduser(m.backbone), "sft", "backbone")),
            "model.backbone",

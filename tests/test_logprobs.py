@@ -144,11 +144,17 @@ def test_rl_and_sft_steps_never_hold_batch_by_sequence_by_vocab_logits():
   assert stats["temp_bytes"] < 0.35 * full_logits, stats
 
 
-@pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])  # soft-cap 50, sliding window
-def test_attention_in_query_blocks_equals_attention_at_once(preset):
+@pytest.mark.parametrize("preset,field", [("tiny-gemma2", "attention_chunk"),  # soft-cap 50
+                                          ("tiny-gemma3", "attention_chunk"),  # sliding window
+                                          ("tiny-gemma3", "mlp_chunk")])
+def test_attention_and_mlp_in_position_blocks_equal_them_at_once(preset, field):
+  """Queries in blocks (attention_chunk) or MLP positions in blocks (mlp_chunk, a scan over
+  blocks sharing the layer's params and adapters): the same log-probs and adapter gradients."""
   cfg = model_lib.model_config(preset, scan_layers=True, remat=True)
-  model = model_lib.build(cfg, 4)
-  blocked = model_lib.build(dataclasses.replace(cfg, attention_chunk=4), 4)
+  targets = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+  model = model_lib.build(cfg, 4, lora_targets=targets)
+  blocked = model_lib.build(dataclasses.replace(cfg, **{field: 4}), 4, lora_targets=targets)
+  assert field == "attention_chunk" or model_lib.mlp_blocks(blocked.cfg, 16) == 4
   variables = model_lib.init_variables(model, jax.random.key(0))
   variables[lora_lib.ADAPTER] = jax.tree.map(lambda x: x + 0.05, variables[lora_lib.ADAPTER])
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)

@@ -170,7 +170,7 @@ def architecture_of(cfg: model_lib.ModelConfig) -> str:
 # How a run stores and computes the model, not what the model is: reset before comparing.
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "weight_dtype", "embedding_dtype", "remat",
                    "remat_policy", "scan_layers", "logprob_chunk_tokens", "logprob_vocab_tile",
-                   "attention_chunk")
+                   "attention_chunk", "mlp_chunk")
 
 
 def _canonical(cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
