@@ -118,7 +118,8 @@ def _reward_step(model, mesh):
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quant_gradients_reach_only_the_adapters_and_a_sharded_step_equals_one_device(fmt):
-  model = _tiny(fmt, scan=fmt == "int8")  # int8 with layers under nn.scan (the runs' layout)
+  # int8 with layers under nn.scan (the runs' layout); nf4 with its vocabulary table in int8.
+  model = _tiny(fmt, scan=fmt == "int8", embedding_dtype="int8" if fmt == "nf4" else "")
   one = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
   frozen, state, metrics = _reward_step(model, one)
   assert metrics["grad_norm"] > 0 and np.isfinite(metrics["loss"])
@@ -135,6 +136,10 @@ def test_quant_gradients_reach_only_the_adapters_and_a_sharded_step_equals_one_d
   # tiny model's single NF4 block of 64 inputs stays whole).
   assert q["kernel"].sharding.spec[:2] == ("fsdp", "tensor")
   assert q["scale"].sharding.spec[1] == "tensor"
+  if fmt == "nf4":  # the table's rows over the vocabulary axes, its per-row scales with them
+    table = sharded_frozen["params"]["embedder"]
+    assert table["input_embedding"].dtype == jnp.int8
+    assert table["scale"].sharding.spec[0] == table["input_embedding"].sharding.spec[0]
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(sharded_metrics[key], metrics[key], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
