@@ -66,7 +66,10 @@ def test_auto_chunk_size_follows_the_vocabulary():
   assert logprobs.chunk_tokens_for(262_144, 64) == 64
 
 
-@pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3", "tiny-llama"])
+# Gemma 3 (local/global layers, q/k norms, post norms) and Llama (untied head): the scan's
+# layer bookkeeping. Gemma 2's soft-caps are per-layer arithmetic that scanning does not touch
+# (covered with blocks and chunks above and below).
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-llama"])
 def test_scanned_layers_equal_unrolled_layers(preset):
   """Same weights stacked: same logits, scores, gradients and greedy KV-cache samples."""
   cfg = model_lib.model_config(preset)
