@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -161,7 +162,6 @@ def store_on_mesh(params: dict, weight_dtype: str, mesh, embedding_dtype: str = 
   only the leaves that change are passed through the jitted function."""
   if not weight_dtype and not embedding_dtype:
     return params
-  import jax
   from flax import traverse_util
   from perl_jax import sharding as sharding_lib
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -175,8 +175,7 @@ def store_on_mesh(params: dict, weight_dtype: str, mesh, embedding_dtype: str = 
       out.update(store_kernel(value, path, weight_dtype, embedding_dtype))
     return out
 
-  shardings = {p: jax.sharding.NamedSharding(mesh, sharding_lib.spec_for(p, s.shape, mesh))
-               for p, s in jax.eval_shape(store, changing).items()}
+  shardings = sharding_lib.tree_shardings(jax.eval_shape(store, changing), mesh)
   stored = jax.jit(store, out_shardings=shardings)(changing)
   unchanged = {p: v for p, v in flat.items() if p not in changing}
   return traverse_util.unflatten_dict({**unchanged, **stored}, sep="/")
@@ -231,7 +230,6 @@ def dequantize_slice(group: dict, name: str, fmt: str, axis: int, dtype, start=N
   """The float kernel group[name] (stored as `fmt`, scales in group["scale"]), or its
   [start, start + size) slice along `axis` (the output embedding's vocabulary axis: 0 for the
   tied [vocab, d] table, 1 for lm_head [d, vocab]); only that slice is dequantised."""
-  import jax
   codes, scale = group[name], group.get("scale")
   if start is not None:
     codes = jax.lax.dynamic_slice_in_dim(codes, start, size, axis)

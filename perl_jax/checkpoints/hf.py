@@ -376,15 +376,14 @@ def place_tensors(cfg: model_lib.ModelConfig, names: dict[str, str], found: dict
     array = read(name)
     if isinstance(array, dict):  # quantised blocks kept as the file stores them (GGUF)
       stored = _stored_blocks(path, array, want.shape, found.get(name, source), name)
-      flat.update({p: put(v, p, v.dtype, mesh) for p, v in stored.items()})
-      progress.update(len(flat))
-      continue
-    expected = hf_shape(path, want.shape)
-    if tuple(array.shape) != expected:
-      raise ValueError(f"{found.get(name, source)}: tensor {name} has shape {tuple(array.shape)}, "
-                       f"expected {expected} (perl_jax {path} {tuple(want.shape)})")
-    stored = quant.store_kernel(np.asarray(to_perl(path, array, want.shape), want.dtype), path,
-                                weight_dtype)
+    else:
+      expected = hf_shape(path, want.shape)
+      if tuple(array.shape) != expected:
+        raise ValueError(f"{found.get(name, source)}: tensor {name} has shape "
+                         f"{tuple(array.shape)}, expected {expected} (perl_jax {path} "
+                         f"{tuple(want.shape)})")
+      stored = quant.store_kernel(np.asarray(to_perl(path, array, want.shape), want.dtype),
+                                  path, weight_dtype)
     flat.update({p: put(v, p, v.dtype, mesh) for p, v in stored.items()})
     del array
     progress.update(len(flat))
