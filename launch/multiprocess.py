@@ -67,7 +67,12 @@ def run(args: list[str], processes: int, devices_per_process: int = 0, port: int
     raise ValueError(f"--processes must be >= 1, got {processes}")
   port = port or free_port()
   env = process_env(devices_per_process)
-  children, threads = [], []
+  children, threads, exited_at = [], [], {}
+
+  def wait_for(index, child):  # the exit time, so that exits seen in one poll round keep order
+    child.wait()
+    exited_at[index] = time.monotonic()
+
   for index in range(processes):
     child = subprocess.Popen(process_command(args, index, processes, port, heartbeat_timeout_s),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -76,24 +81,25 @@ def run(args: list[str], processes: int, devices_per_process: int = 0, port: int
     thread.start()
     children.append(child)
     threads.append(thread)
+    threading.Thread(target=wait_for, args=(index, child), daemon=True).start()
   say = lambda message: (out.write(f"[launch] {message}\n"), out.flush())
   say(f"{processes} processes, coordinator 127.0.0.1:{port}, pids "
       f"{' '.join(str(c.pid) for c in children)}")
   first_failure, failed_at, reported, killed = None, None, set(), set()
   try:
     while len(reported) < processes:
-      for index, child in enumerate(children):
-        code = child.poll()
-        if code is None or index in reported:
-          continue
+      # Oldest exit first: a killed process and the one its loss brings down can both have
+      # exited by the time this loop looks, and the first is the cause.
+      for index in sorted(set(exited_at) - reported, key=exited_at.get):
+        code = children[index].returncode
         reported.add(index)
         if code and first_failure is None:
-          first_failure, failed_at = (index, code), time.monotonic()
+          first_failure, failed_at = (index, code), exited_at[index]
           say(f"process {index} {describe_exit(code)}; waiting up to {grace_s:.0f}s for the "
               f"others to stop")
         elif first_failure is not None and index not in killed:
           say(f"process {index} {describe_exit(code)} on its own, "
-              f"{time.monotonic() - failed_at:.1f}s after process {first_failure[0]} failed")
+              f"{exited_at[index] - failed_at:.1f}s after process {first_failure[0]} failed")
       if failed_at is not None and time.monotonic() > failed_at + grace_s:
         for index, child in enumerate(children):
           if child.poll() is None and index not in killed:
