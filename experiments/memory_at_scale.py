@@ -13,8 +13,11 @@ under nn.scan with remat (--noscan_layers / --noremat to compare). Full fine-tun
 scan, remat, chunked log-probs and attention blocks, and keeps bf16 weights and gradients with
 f32 Adam moments (train.in_float32), no f32 master copy. XLA's CPU compiler is used unless a GPU/TPU
 is present; its buffer assignment is close to, not identical to, the accelerator's: the CPU
-compiler runs bf16 matmuls in f32 and hoists the f32 copies of every layer's kernels out of the
-layer scan (the `f32[L, ...]` entries of the "largest buffers" column), which no GPU/TPU does.
+compiler runs bf16 ops in f32 (its float normalisation), slicing included, so it converts every
+stacked bf16 layer kernel to f32 whole before the layer scan slices it (the `f32[L, ...]` entries
+of the "largest buffers" column), which no GPU/TPU does. --weight_dtypes=bf16_bits holds the same
+bf16 kernels as uint16 bit patterns, which XLA:CPU slices as they are: the LoRA rows then show what
+an accelerator would hold (full tuning trains its kernels and cannot use it).
 """
 import csv
 import math
@@ -55,7 +58,7 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "RL completion tokens")
 _OUT = flags.DEFINE_string("out", "/tmp/perl_memory", "output folder")
 _WEIGHT_DTYPES = flags.DEFINE_list(
     "weight_dtypes", ["bfloat16"], "model.weight_dtype of the frozen backbone's projection "
-    "kernels (bfloat16, int8, nf4); full tuning is measured in bfloat16 only")
+    "kernels (bfloat16, bf16_bits, int8, nf4, gguf); full tuning is measured in bfloat16 only")
 _EMBEDDING_DTYPE = flags.DEFINE_string(
     "embedding_dtype", "", "model.embedding_dtype of the output embedding in the LoRA rows with "
     "quantised weights (int8, nf4; logits then built in vocabulary tiles); '' = bfloat16")

@@ -85,8 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
       # dequantised inside each matmul (perl_jax.quant). Released checkpoints are quantised
       # tensor by tensor as they load. "gguf": a GGUF checkpoint's own Q4_0/Q5_0/Q8_0/Q4_K/Q6_K
       # blocks kept exactly (the same values as the file; other backbones, e.g. an SFT stage's,
-      # get 8-bit blocks of 32). Quantised weights need LoRA (lora.rank > 0); SFT trains in
-      # param_dtype.
+      # get 8-bit blocks of 32). "bf16_bits": bfloat16 kernels held as their bit patterns
+      # (uint16), the same numbers as "bfloat16"; on a CPU it spares the f32 copy of every
+      # layer's stacked kernels that XLA:CPU makes of a bf16 stack (on GPU/TPU the two cost the
+      # same). These stored formats need LoRA (lora.rank > 0); SFT trains in param_dtype.
       weight_dtype="",
       # Storage of the vocabulary tables (the tied embedding; or the input embedding and
       # lm_head) in the same stages: "" = param_dtype; "bfloat16" / "float32"; "int8" (a scale

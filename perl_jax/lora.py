@@ -83,6 +83,9 @@ class LoRAProjection(nn.Module):
                   for name in ("kernel", "high", "scale", "offset")
                   if self.has_variable("params", name)}
       kernel = quant.dequantize_gguf(leaves, n_in, self.dtype)
+    elif self.weight_format == "bf16_bits":
+      codes = self.param("kernel", nn.initializers.zeros, shape, jnp.uint16)
+      kernel = quant.dequantize(codes, None, self.weight_format, n_in, self.dtype)
     elif self.weight_format:
       codes_shape, scale_shape = quant.stored_shapes(shape, self.weight_format, n_in)
       codes = self.param("kernel", nn.initializers.zeros, codes_shape,

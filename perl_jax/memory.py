@@ -44,9 +44,9 @@ def _compiled_stats(step, state, frozen, batch, mesh=None) -> dict:
   return stats
 
 
-_SHAPE = re.compile(r"\b(pred|s8|u8|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\]")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "f64": 8}
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+             "u32": 4, "f32": 4, "f64": 8}
 
 
 def largest_buffers(hlo_text: str, top: int = 4) -> list[str]:

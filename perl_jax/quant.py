@@ -1,4 +1,5 @@
-"""Quantised storage of the frozen backbone's projection kernels: int8 and 4-bit NF4.
+"""Quantised storage of the frozen backbone's projection kernels: int8, 4-bit NF4, GGUF blocks,
+and bfloat16 held as its bits.
 
 In PERL the backbone never changes, so its projection kernels (attention q/k/v/o, MLP
 gate/up/down) can be stored in 8 or 4 bits and dequantised inside each matmul; LoRA adapters,
@@ -16,6 +17,12 @@ heads, norms, embeddings and optimizer state keep their float dtypes.
   nf4   QLoRA's NormalFloat4: blocks of 64 along the last contraction axis (fewer when that
         axis is shorter, see nf4_block), each scaled by its absmax (bf16) and rounded to the
         nearest of 16 normal quantiles; two codes per byte.
+  bf16_bits  lossless: the bfloat16 kernel's 16-bit patterns (uint16, no scale), reinterpreted
+        inside each matmul; the same numbers as weight_dtype "bfloat16". XLA:CPU has no bfloat16
+        slicing: it converts a stacked bf16 layer kernel to f32 whole before the layer loop
+        slices one layer out (an f32 copy of every frozen layer, twice the bf16 backbone, which
+        no barrier prevents), while integer codes are sliced as they are. On GPU and TPU the two
+        storages cost the same.
 
 A kernel of shape in_shape + out_shape (with a leading layer axis when layers are stacked)
 becomes two leaves beside each other: `kernel` (int8, or uint8 with the last contraction axis
@@ -41,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("int8", "nf4", "gguf")
+FORMATS = ("int8", "nf4", "gguf", "bf16_bits")
 NF4_BLOCK = 64
 # QLoRA's NF4 code values (Dettmers et al. 2023, appendix E), in increasing order.
 NF4_VALUES = np.array([
@@ -93,6 +100,8 @@ def stored_shapes(shape: tuple, fmt: str, n_in: int, n_lead: int = 0) -> tuple[t
   contraction axes)."""
   check_format(fmt)
   shape, last = tuple(shape), n_lead + n_in - 1
+  if fmt == "bf16_bits":
+    return shape, None
   if fmt == "int8":
     return shape, shape[:n_lead] + (1,) * n_in + shape[n_lead + n_in:]
   block = nf4_block(shape[last], shape)
@@ -114,6 +123,10 @@ def quantize(kernel, fmt: str, n_in: int, n_lead: int = 0):
   """(codes, scale) of a float kernel; see the module docstring for their layouts."""
   check_format(fmt)
   xp = _xp(kernel)
+  if fmt == "bf16_bits":
+    bf16 = kernel.astype(jnp.bfloat16)
+    return (bf16.view(np.uint16) if xp is np
+            else jax.lax.bitcast_convert_type(bf16, jnp.uint16)), None
   w = kernel.astype(xp.float32)
   if fmt == "int8":
     axes = tuple(range(n_lead, n_lead + n_in))
@@ -140,6 +153,10 @@ def dequantize(codes, scale, fmt: str, n_in: int, dtype=jnp.float32, n_lead: int
   """The float kernel `codes` and `scale` stand for, in `dtype`."""
   check_format(fmt)
   xp = _xp(codes)
+  if fmt == "bf16_bits":
+    bf16 = (codes.view(jnp.bfloat16) if xp is np
+            else jax.lax.bitcast_convert_type(codes, jnp.bfloat16))
+    return bf16.astype(dtype)
   if fmt == "int8":
     return (codes.astype(xp.float32) * scale.astype(xp.float32)).astype(dtype)
   last = n_lead + n_in - 1
@@ -208,8 +225,10 @@ def store_kernel(value, path: str, weight_dtype: str, embedding_dtype: str = "")
       raise ValueError("embedding_dtype 'gguf' is not supported: use int8 or nf4")
     base = path.rsplit("/", 1)[0]
     return {f"{base}/{leaf}": v for leaf, v in quantize_gguf(value, n_in, n_lead).items()}
+  if fmt == "bf16_bits" and embedding_axes(path) is not None:
+    raise ValueError("embedding_dtype 'bf16_bits' is not supported: use bfloat16, int8 or nf4")
   codes, scale = quantize(value, fmt, n_in, n_lead)
-  return {path: codes, scale_path(path): scale}
+  return {path: codes} if scale is None else {path: codes, scale_path(path): scale}
 
 
 def store_params(params: dict, weight_dtype: str, embedding_dtype: str = "") -> dict:

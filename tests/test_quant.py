@@ -118,15 +118,17 @@ def _reward_step(model, mesh):
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quant_gradients_reach_only_the_adapters_and_a_sharded_step_equals_one_device(fmt):
-  # int8 with layers under nn.scan (the runs' layout); nf4 with its vocabulary table in int8.
-  model = _tiny(fmt, scan=fmt == "int8", embedding_dtype="int8" if fmt == "nf4" else "")
+  # int8 and bf16_bits with layers under nn.scan (the runs' layout); nf4 with its vocabulary
+  # table in int8.
+  scan = fmt in ("int8", "bf16_bits")
+  model = _tiny(fmt, scan=scan, embedding_dtype="int8" if fmt == "nf4" else "")
   one = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
   frozen, state, metrics = _reward_step(model, one)
   assert metrics["grad_norm"] > 0 and np.isfinite(metrics["loss"])
   assert set(state["trainable"]) == {lora_lib.ADAPTER}  # codes and scales are never trained
-  q = frozen["params"]["layers" if fmt == "int8" else "layer_0"]["attn"]["q"]
-  assert q["kernel"].dtype == (jnp.int8 if fmt == "int8" else jnp.uint8)
-  if fmt == "int8":  # the 8-device step below is the same code with other scale shapes
+  q = frozen["params"]["layers" if scan else "layer_0"]["attn"]["q"]
+  assert q["kernel"].dtype == {"int8": jnp.int8, "bf16_bits": jnp.uint16}.get(fmt, jnp.uint8)
+  if scan:  # the 8-device step below is the same code with other scale shapes (or none)
     return
   # 8 devices, data x fsdp x tensor = 2 x 2 x 2: codes and scales sharded with their kernels.
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -144,6 +146,29 @@ def test_quant_gradients_reach_only_the_adapters_and_a_sharded_step_equals_one_d
     np.testing.assert_allclose(sharded_metrics[key], metrics[key], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                sharded_state["trainable"], state["trainable"])
+
+
+def test_quant_bf16_bits_is_bfloat16_exactly_without_xla_cpus_f32_copy_of_the_layer_stack():
+  """bf16_bits holds a bfloat16 kernel's bit patterns: the same logits as weight_dtype=bfloat16
+  to the last bit. Under nn.scan XLA:CPU converts a stacked bf16 kernel to f32 whole before
+  slicing a layer out of it; the uint16 stack is sliced as it is, so the compiled reward step
+  loses (nearly) the f32 copies of the MLP stacks (3 kernels x layers x d x mlp_dim x 4 bytes)."""
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)))
+  bf16_model, bits_model = _tiny("bfloat16", scan=True), _tiny("bf16_bits", scan=True)
+  variables = model_lib.init_variables(bf16_model, jax.random.key(0))
+  bits = {**variables, "params": quant.store_params(variables["params"], "bf16_bits")}
+  np.testing.assert_array_equal(np.asarray(_logits(bits_model, bits, tokens)),
+                                np.asarray(_logits(bf16_model, variables, tokens)))
+  assert lora_lib.count_params(bits["params"]) == lora_lib.count_params(variables["params"])
+  cfg = dict(num_layers=4, d_model=128, mlp_dim=2048, dtype="bfloat16", param_dtype="bfloat16",
+             scan_layers=True, remat=True)
+  temps = {}
+  for fmt in ("bfloat16", "bf16_bits"):
+    stats = memory.reward_step_memory(model_lib.model_config("tiny-gemma3", weight_dtype=fmt,
+                                                             **cfg), 4, 2, 64)
+    temps[fmt] = stats["temp_bytes"]
+  f32_mlp_stacks = 3 * 4 * 128 * 2048 * 4
+  assert temps["bf16_bits"] < temps["bfloat16"] - 0.75 * f32_mlp_stacks, temps
 
 
 def test_quant_weights_need_lora_and_load_quantised_from_a_released_checkpoint(tmp_path):
