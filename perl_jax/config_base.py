@@ -93,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Storage of the vocabulary tables (the tied embedding; or the input embedding and
       # lm_head) in the same stages: "" = param_dtype; "bfloat16" / "float32"; "int8" (a scale
       # per vocabulary row) or "nf4" (blocks of 64 along d_model). Lookups dequantise the
-      # gathered rows, log-probs one vocabulary tile at a time (logprob_vocab_tile), decoding
-      # the whole table each step. With a 256k vocabulary the table is most of a small model's
+      # gathered rows; log-probs and each decoding step's logits are built one vocabulary tile
+      # at a time (logprob_vocab_tile). With a 256k vocabulary the table is most of a small model's
       # weights (Gemma 3 270M: 168M of 268M parameters). Needs LoRA like weight_dtype; SFT
       # trains it in float.
       embedding_dtype="",
@@ -115,8 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
       logprob_chunk_tokens=0,
       # Vocabulary rows per tile within a log-prob chunk: the chunk's logits are built a tile at
       # a time with a running log-sum-exp (exact), so no [chunk, vocab] tensor and, for a
-      # quantised embedding, no dequantised copy of the whole table exists. 0 = the whole
-      # vocabulary at once for a float embedding, 16,384 rows for a quantised one.
+      # quantised embedding, no dequantised copy of the whole table exists (sampling fills its
+      # [B, vocab] logits tile by tile too). 0 = the whole vocabulary at once for a float
+      # embedding, 16,384 rows for a quantised one.
       logprob_vocab_tile=0,
       # Queries per attention block: each block's f32 scores [B, heads, chunk, S] are computed,
       # and recomputed in the backward pass, on their own (exact; soft-cap and sliding window

@@ -250,6 +250,24 @@ def logits_of(cfg: ModelConfig, params: dict, hidden, start=None, size: int | No
   return softcap(raw.astype(jnp.float32), cfg.final_logit_softcap)
 
 
+def next_token_logits(cfg: ModelConfig, params: dict, hidden):
+  """f32 logits [B, V] of last hidden states [B, d], for sampling. A quantised table is read
+  vocab_tile(cfg) rows at a time into the [B, V] logits (the last tile shifted back to end at the
+  vocabulary's end, rewriting rows it shares with the one before), so a decode step dequantises
+  one tile, never the whole table; a float table is read at once."""
+  tile, vocab = vocab_tile(cfg), cfg.vocab_size
+  if tile >= vocab:
+    return logits_of(cfg, params, hidden)
+
+  def write(i, logits):
+    start = jnp.minimum(i * tile, vocab - tile)
+    return jax.lax.dynamic_update_slice_in_dim(logits, logits_of(cfg, params, hidden, start, tile),
+                                               start, axis=logits.ndim - 1)
+
+  return jax.lax.fori_loop(0, -(-vocab // tile), write,
+                           jnp.zeros(hidden.shape[:-1] + (vocab,), jnp.float32))
+
+
 class _Lora(nn.Module):
   """Base with the LoRA lookup shared by attention and MLP."""
   cfg: ModelConfig

@@ -66,8 +66,8 @@ def sample(model: model_lib.Transformer, variables, prompt_tokens, prompt_mask, 
   cache_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(prompt_mask)
   positions = model_lib.positions_from_mask(prompt_mask)
   # The prefill projects only the last position onto the vocabulary: that is all it samples from.
-  last_logits = lambda out: model_lib.logits_of(model.cfg, variables["params"],
-                                                out["hidden"][:, -1])
+  last_logits = lambda out: model_lib.next_token_logits(model.cfg, variables["params"],
+                                                        out["hidden"][:, -1])
   out = model.apply(variables, prompt_tokens, positions,
                     model_lib.decode_mask(cache_valid, 0, prompt_len),
                     cache=model_lib.init_cache(model.cfg, batch, total), cache_index=0,

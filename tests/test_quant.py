@@ -211,7 +211,8 @@ def test_quant_weights_need_lora_and_load_quantised_from_a_released_checkpoint(t
 @pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-llama"])  # tied table / untied lm_head
 def test_quant_output_embedding_is_read_as_stored_in_lookups_logits_and_vocab_tiles(fmt, preset):
   """model.embedding_dtype: the quantised table gives exactly the dequantised table's logits, and
-  log-probs built in vocabulary tiles (each dequantised on its own) equal them; the tied
+  log-probs and sampling's logits built in vocabulary tiles (each dequantised on its own) equal
+  them; the tied
   table's scales are per row (int8) or per 64 of d (nf4); the embedding is never trained."""
   from flax import traverse_util
   from perl_jax import logprobs
@@ -246,6 +247,11 @@ def test_quant_output_embedding_is_read_as_stored_in_lookups_logits_and_vocab_ti
   ref = logprobs.token_logprobs(float_model.cfg, same["params"], hidden, tokens, 0, True)
   for g, w in zip(got, ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  # Sampling's logits, tile by tile (96 + 96 + a last tile shifted back over 32 rows).
+  np.testing.assert_allclose(
+      np.asarray(model_lib.next_token_logits(tiled_cfg, quantized["params"], hidden[:, -1])),
+      np.asarray(model_lib.logits_of(float_model.cfg, same["params"], hidden[:, -1])),
+      rtol=1e-5, atol=1e-5)
   assert model_lib.vocab_tile(quant_model.cfg) == 256  # the default tile: 16,384 rows at most
   trainable, _ = lora_lib.split_variables(quantized, full_finetune=False)
   assert set(trainable) == {lora_lib.ADAPTER}
