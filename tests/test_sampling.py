@@ -77,3 +77,17 @@ def test_sampling_distribution_matches_softmax():
                                          sampling.SamplingConfig(1, temperature=1.0)))
   np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), [0.6, 0.3, 0.1],
                              atol=0.015)
+
+
+def test_next_token_draws_what_argmax_and_jax_categorical_draw():
+  """first_argmax (a max and a min-reduce, fast on CPU) picks jnp.argmax's index, ties and -inf
+  rows included, and sampling's Gumbel draw picks jax.random.categorical's token for a key."""
+  for seed in range(3):
+    logits_key, key = jax.random.split(jax.random.key(seed))
+    logits = jnp.round(jax.random.normal(logits_key, (16, 1000)) * 3)  # many ties
+    logits = jnp.where(jax.random.uniform(key, logits.shape) < 0.3, -jnp.inf, logits)
+    np.testing.assert_array_equal(sampling.first_argmax(logits), jnp.argmax(logits, -1))
+    cfg = sampling.SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=50)
+    np.testing.assert_array_equal(
+        sampling.next_token(logits, key, cfg),
+        jax.random.categorical(key, sampling.filter_logits(logits, 0.7, 50, 1.0)))
