@@ -94,8 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
       # lm_head) in the same stages: "" = param_dtype; "bfloat16" / "float32"; "int8" (a scale
       # per vocabulary row) or "nf4" (blocks of 64 along d_model). Lookups dequantise the
       # gathered rows; log-probs and each decoding step's logits are built one vocabulary tile
-      # at a time (logprob_vocab_tile). With a 256k vocabulary the table is most of a small model's
-      # weights (Gemma 3 270M: 168M of 268M parameters). Needs LoRA like weight_dtype; SFT
+      # at a time (logprob_vocab_tile). With a 256k vocabulary the table is most of a small
+      # model's weights (Gemma 3 270M: 168M of 268M parameters). Needs LoRA like weight_dtype; SFT
       # trains it in float.
       embedding_dtype="",
       remat=False,  # rematerialise layers in the backward pass (recompute, don't store)

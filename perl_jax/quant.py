@@ -25,10 +25,11 @@ heads, norms, embeddings and optimizer state keep their float dtypes.
         storages cost the same.
 
 A kernel of shape in_shape + out_shape (with a leading layer axis when layers are stacked)
-becomes two leaves beside each other: `kernel` (int8, or uint8 with the last contraction axis
-halved) and `scale` (the kernel's shape with the contraction axes reduced to 1 for int8, or the
-last one divided by the block length for nf4). Both keep the kernel's rank, so the kernel's sharding rule
-shards them the same way (perl_jax.sharding), and an NF4 block never straddles two shards.
+becomes two leaves beside each other (bf16_bits: the uint16 `kernel` alone): `kernel` (int8,
+or uint8 with the last contraction axis halved) and `scale` (the kernel's shape with the
+contraction axes reduced to 1 for int8, or the last one divided by the block length for nf4).
+Both keep the kernel's rank, so the kernel's sharding rule shards them the same way
+(perl_jax.sharding), and an NF4 block never straddles two shards.
 
 The output embedding (`model.embedding_dtype`) can be stored the same way: the tied table
 `embedder/input_embedding` [vocab, d] is a kernel whose vocabulary axis leads and whose d axis is
