@@ -81,7 +81,8 @@ def main(argv):
           for weight_dtype in _WEIGHT_DTYPES.value for rank in [int(r) for r in _RANKS.value]]
   runs += [(preset, "bfloat16", 0) for preset in _PRESETS.value if _WITH_FULL.value]
   for preset, weight_dtype, rank in runs:
-    embedding_dtype = _EMBEDDING_DTYPE.value if weight_dtype in quant.FORMATS and rank else ""
+    quantized = quant.is_quantized(weight_dtype) and weight_dtype != "bf16_bits"
+    embedding_dtype = _EMBEDDING_DTYPE.value if quantized and rank else ""
     cfg = model_lib.model_config(preset, dtype="bfloat16", param_dtype="bfloat16",
                                  weight_dtype=weight_dtype, embedding_dtype=embedding_dtype,
                                  remat=_REMAT.value,

@@ -329,6 +329,9 @@ def merge_adapters(backbone: dict, adapter: dict, scale: float) -> dict:
     if kernel_path not in flat_backbone:
       raise KeyError(f"adapter {prefix} has no backbone kernel {kernel_path}")
     kernel = flat_backbone[kernel_path]
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+      raise ValueError(f"{kernel_path} is stored as {kernel.dtype} codes (model.weight_dtype "
+                       f"int8/nf4/gguf/bf16_bits): merge adapters into the float backbone")
     delta = _contract(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), 1)
     assert delta.shape == kernel.shape, (prefix, delta.shape, kernel.shape)
     merged[kernel_path] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)

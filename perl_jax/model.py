@@ -66,8 +66,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # storage dtype of the backbone
   # Storage of the frozen projection kernels (attention q/k/v/o, MLP): "" = param_dtype,
-  # "float32"/"bfloat16", or "int8"/"nf4"/"gguf" (perl_jax.quant: dequantised inside each
-  # matmul).
+  # "float32"/"bfloat16", or "int8"/"nf4"/"gguf"/"bf16_bits" (perl_jax.quant: dequantised
+  # inside each matmul).
   weight_dtype: str = ""
   # Storage of the vocabulary tables (the tied embedding; or the input embedding and lm_head):
   # "" = param_dtype, "float32"/"bfloat16", or "int8"/"nf4" (gathered rows and vocabulary tiles
@@ -254,7 +254,10 @@ def next_token_logits(cfg: ModelConfig, params: dict, hidden):
   """f32 logits [B, V] of last hidden states [B, d], for sampling. A quantised table is read
   vocab_tile(cfg) rows at a time into the [B, V] logits (the last tile shifted back to end at the
   vocabulary's end, rewriting rows it shares with the one before), so a decode step dequantises
-  one tile, never the whole table; a float table is read at once."""
+  one tile, never the whole table; a float table is read at once unless model.logprob_vocab_tile
+  asks for tiles. On a mesh that shards the vocabulary over `tensor`, XLA gathers the stored
+  table once per call to slice its tiles (as for the tiled log-probs); the logits come out
+  replicated."""
   tile, vocab = vocab_tile(cfg), cfg.vocab_size
   if tile >= vocab:
     return logits_of(cfg, params, hidden)
