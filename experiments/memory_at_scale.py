@@ -68,6 +68,9 @@ _ATTENTION_CHUNK = flags.DEFINE_integer("attention_chunk", 128, "queries per att
                                         "(model.attention_chunk; 0 = all at once)")
 _MLP_CHUNK = flags.DEFINE_integer("mlp_chunk", 0, "positions per MLP block (model.mlp_chunk; 0 = "
                                   "all at once)")
+_WITH_SAMPLING = flags.DEFINE_bool(
+    "with_sampling", False, "also compile one rollout (sampling.sample of --episodes prompts, "
+    "--prompt_len + --new_tokens, with the policy adapter) per LoRA row, on one device")
 flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes, e.g. 1,8,1; reports per-device bytes")
 
 
@@ -111,6 +114,12 @@ def main(argv):
                   f"{name}_analytic_gib": gib(stats["analytic"]["total"]),
                   f"{name}_analytic": {k: round(gib(v), 3) for k, v in
                                        stats["analytic"].items()}})
+    if _WITH_SAMPLING.value and rank:
+      rollout = memory.sampling_memory(cfg, rank, _EPISODES.value, _PROMPT_LEN.value,
+                                       _NEW_TOKENS.value)
+      row.update(sampling_peak_gib=gib(rollout["peak_bytes"]),
+                 sampling_temp_gib=gib(rollout["temp_bytes"]),
+                 sampling_largest="; ".join(rollout["largest_buffers"][:3]))
     rows.append(row)
     print(row, flush=True)
   for row in rows:
@@ -142,6 +151,14 @@ def main(argv):
                    f"| {r[f'{name}_optimizer_gib']:.3f} | {r[f'{name}_adapter_gib']:.4f} "
                    f"| {r[f'{name}_temp_gib']:.2f} | {peak:.2f} "
                    f"| {r[f'{name}_analytic_gib']:.2f} | {r[f'{name}_largest']} |")
+  sampled = [r for r in rows if "sampling_peak_gib" in r]
+  if sampled:
+    lines += ["", "Rollout (sampling.sample, one device), GiB:", "",
+              "| preset | weights | rank | peak | temporaries | largest buffers |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['weight_dtype']} | {r['lora_rank']} | "
+              f"{r['sampling_peak_gib']:.2f} | {r['sampling_temp_gib']:.2f} | "
+              f"{r['sampling_largest']} |" for r in sampled]
   table = "\n".join(lines)
   with open(os.path.join(_OUT.value, "memory.md"), "w") as f:
     f.write(table + "\n")

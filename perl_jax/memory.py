@@ -21,6 +21,7 @@ from perl_jax import model as model_lib
 from perl_jax import quant
 from perl_jax import reward as reward_lib
 from perl_jax import rl
+from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 
@@ -147,6 +148,22 @@ def reward_step_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch_pairs: 
                                                               if lora_rank else 0),
                                      full_copies=0 if lora_rank else 1,
                                      weights_bytes=_quantized_weights(cfg, variables))
+  return stats
+
+
+def sampling_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch: int, prompt_len: int,
+                    new_tokens: int, targets=("attn/(q|k|v|o)$",)) -> dict:
+  """Memory of one rollout on one device: sampling.sample (prefill + KV-cache decode scan,
+  temperature 1) with the policy's adapter over the frozen backbone."""
+  model = model_lib.build(cfg, lora_rank, lora_targets=targets)
+  variables = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+  prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+  mask = jax.ShapeDtypeStruct((batch, prompt_len), bool)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  compiled = sampling.sample.lower(model, variables, prompts, mask, rng,
+                                   sampling.SamplingConfig(max_new_tokens=new_tokens)).compile()
+  stats = train_lib.compiled_memory(compiled)
+  stats["largest_buffers"] = largest_buffers(compiled.as_text())
   return stats
 
 
