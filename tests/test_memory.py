@@ -28,3 +28,14 @@ def test_per_device_memory_shrinks_on_an_fsdp_mesh():
   one = memory.reward_step_memory(CFG, 0, batch_pairs=8, seq_len=16)
   sharded = memory.reward_step_memory(CFG, 0, batch_pairs=8, seq_len=16, mesh=mesh)
   assert sharded["argument_bytes"] < 0.3 * one["argument_bytes"]
+
+
+def test_rollout_with_a_quantised_table_never_dequantises_the_whole_table():
+  """sampling.sample builds each step's logits one vocabulary tile at a time from an int8
+  table: no buffer of the compiled rollout is as large as the f32 table it stands for."""
+  cfg = model_lib.model_config("tiny-gemma3", vocab_size=65536, embedding_dtype="int8",
+                               weight_dtype="int8", logprob_vocab_tile=8192)
+  f32_table = cfg.vocab_size * cfg.d_model * 4  # 16 MiB
+  stats = memory.sampling_memory(cfg, 4, batch=2, prompt_len=8, new_tokens=4)
+  assert stats["temp_bytes"] < f32_table / 2, stats
+  assert not any(b.startswith(("f32[65536", "bf16[65536")) for b in stats["largest_buffers"])
