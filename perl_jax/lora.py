@@ -83,15 +83,12 @@ class LoRAProjection(nn.Module):
                   for name in ("kernel", "high", "scale", "offset")
                   if self.has_variable("params", name)}
       kernel = quant.dequantize_gguf(leaves, n_in, self.dtype)
-    elif self.weight_format == "bf16_bits":
-      codes = self.param("kernel", nn.initializers.zeros, shape, jnp.uint16)
-      kernel = quant.dequantize(codes, None, self.weight_format, n_in, self.dtype)
     elif self.weight_format:
       codes_shape, scale_shape = quant.stored_shapes(shape, self.weight_format, n_in)
       codes = self.param("kernel", nn.initializers.zeros, codes_shape,
-                         jnp.int8 if self.weight_format == "int8" else jnp.uint8)
-      scale = self.param("scale", nn.initializers.zeros, scale_shape,
-                         quant.SCALE_DTYPES[self.weight_format])
+                         quant.CODE_DTYPES[self.weight_format])
+      scale = None if scale_shape is None else self.param(  # bf16_bits has no scale
+          "scale", nn.initializers.zeros, scale_shape, quant.SCALE_DTYPES[self.weight_format])
       kernel = quant.dequantize(codes, scale, self.weight_format, n_in, self.dtype)
     else:
       init = lambda rng, shape, dtype: self.kernel_init(

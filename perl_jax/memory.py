@@ -39,7 +39,11 @@ def _compiled_stats(step, state, frozen, batch, mesh=None) -> dict:
     jitted = jax.jit(step, donate_argnums=(0,))
   else:
     jitted = train_lib.sharded_train_step(step, mesh, state, frozen)[0]
-  compiled = jitted.lower(state, frozen, batch, rng).compile()
+  return _memory_of(jitted.lower(state, frozen, batch, rng).compile())
+
+
+def _memory_of(compiled) -> dict:
+  """train.compiled_memory of a compiled computation, plus its largest buffers."""
   stats = train_lib.compiled_memory(compiled)
   stats["largest_buffers"] = largest_buffers(compiled.as_text())
   return stats
@@ -160,11 +164,9 @@ def sampling_memory(cfg: model_lib.ModelConfig, lora_rank: int, batch: int, prom
   prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
   mask = jax.ShapeDtypeStruct((batch, prompt_len), bool)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  compiled = sampling.sample.lower(model, variables, prompts, mask, rng,
-                                   sampling.SamplingConfig(max_new_tokens=new_tokens)).compile()
-  stats = train_lib.compiled_memory(compiled)
-  stats["largest_buffers"] = largest_buffers(compiled.as_text())
-  return stats
+  return _memory_of(sampling.sample.lower(
+      model, variables, prompts, mask, rng,
+      sampling.SamplingConfig(max_new_tokens=new_tokens)).compile())
 
 
 def _logical_params(cfg, lora_rank, targets, score_head=False) -> int:

@@ -445,9 +445,8 @@ def _stored_param(module: nn.Module, name: str, key: str, shape: tuple, n_lead: 
   fmt = cfg.embedding_dtype
   if quant.is_quantized(fmt):
     codes_shape, scale_shape = quant.stored_shapes(shape, fmt, 1, n_lead)
-    codes_dtype = jnp.int8 if fmt == "int8" else jnp.uint8
     return module.param(name, lambda rng: {
-        key: jnp.zeros(codes_shape, codes_dtype),
+        key: jnp.zeros(codes_shape, quant.CODE_DTYPES[fmt]),
         "scale": jnp.zeros(scale_shape, quant.SCALE_DTYPES[fmt])})
   return module.param(name, lambda rng: {key: init(rng, shape, jnp.dtype(fmt or cfg.param_dtype))})
 

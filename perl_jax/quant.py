@@ -59,6 +59,7 @@ NF4_VALUES = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 _NF4_MIDPOINTS = (NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2
 SCALE_DTYPES = {"int8": np.float32, "nf4": jnp.bfloat16}
+CODE_DTYPES = {"int8": jnp.int8, "nf4": jnp.uint8, "bf16_bits": jnp.uint16}
 
 # Projection kernels and how many contraction axes each has (the rest are outputs).
 _PROJECTION = re.compile(r"(^|/)(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$")
