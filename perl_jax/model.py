@@ -171,12 +171,25 @@ class RMSNorm(nn.Module):
     return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
 
 
-def apply_rope(x, positions, base: float, scale_factor: float = 1.0):
-  """Rotary embedding, split-half convention. x: [B, T, N, D]; positions: [B, T]."""
-  half = x.shape[-1] // 2
-  timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
-  angles = positions[..., None].astype(jnp.float32) / scale_factor / timescale  # [B, T, half]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+def rope_tables(cfg: "ModelConfig", positions) -> dict:
+  """The rotary sin/cos tables of every layer kind, once per forward pass: {"global": (sin, cos)}
+  plus "local" when local layers use another base; each [B, T, head_dim // 2] f32. Under
+  nn.scan they are computed once outside the layer loop, not in every layer."""
+  def table(base, scale_factor):
+    half = cfg.head_dim // 2
+    timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / cfg.head_dim)
+    angles = positions[..., None].astype(jnp.float32) / scale_factor / timescale
+    return jnp.sin(angles), jnp.cos(angles)
+  tables = {"global": table(cfg.rope_base, cfg.rope_scale_factor)}
+  if (cfg.sliding_window is not None and cfg.local_global_pattern > 0
+      and (cfg.rope_local_base or cfg.rope_base, 1.0) != (cfg.rope_base, cfg.rope_scale_factor)):
+    tables["local"] = table(cfg.rope_local_base or cfg.rope_base, 1.0)
+  return tables
+
+
+def apply_rope(x, sin, cos):
+  """Rotary embedding, split-half convention. x: [B, T, N, D]; sin, cos: [B, T, D // 2]."""
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -187,11 +200,11 @@ def softcap(x, cap: float | None):
 
 def _attend_block(q, k, v, mask, cap):
   """q [B, T, K, G, D] over keys/values [B, S, K, D] where mask [B, T, S]: [B, T, K, G, D]."""
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+  logits = jnp.einsum("btkgd,bskd->bktgs", q, k).astype(jnp.float32)
   logits = softcap(logits, cap)
-  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+  logits = jnp.where(mask[:, None, :, None, :], logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return jnp.einsum("bktgs,bskd->btkgd", probs, v)
 
 
 def attend(q, k, v, mask, cap: float | None, chunk: int):
@@ -291,7 +304,7 @@ class _Lora(nn.Module):
 class Attention(_Lora):
 
   @nn.compact
-  def __call__(self, x, is_local, positions, attn_mask, cache, cache_index, deterministic):
+  def __call__(self, x, is_local, rope, attn_mask, cache, cache_index, deterministic):
     cfg = self.cfg
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = self.proj("q", (d,), (h, hd))(x, deterministic)
@@ -303,12 +316,11 @@ class Attention(_Lora):
       q, k = norm("q_norm")(q), norm("k_norm")(k)
     has_local = cfg.sliding_window is not None and cfg.local_global_pattern > 0
     local = jnp.asarray(is_local)
-    base, scale = cfg.rope_base, cfg.rope_scale_factor
-    if has_local:
-      base = jnp.where(local, cfg.rope_local_base or cfg.rope_base, cfg.rope_base)
-      scale = jnp.where(local, 1.0, cfg.rope_scale_factor)
-    q = apply_rope(q, positions, base, scale)
-    k = apply_rope(k, positions, base, scale)
+    sin, cos = rope["global"]
+    if "local" in rope:  # under nn.scan `is_local` is traced: select the table, not the layer
+      sin, cos = (jnp.where(local, a, b) for a, b in zip(rope["local"], rope["global"]))
+    q = apply_rope(q, sin, cos)
+    k = apply_rope(k, sin, cos)
     q = q * (cfg.query_pre_attn_scalar or hd) ** -0.5
 
     start = 0 if cache is None else cache_index
@@ -359,13 +371,13 @@ class Block(nn.Module):
   lora_targets: frozenset
 
   @nn.compact
-  def __call__(self, x, is_local, positions, attn_mask, cache, cache_index, deterministic):
+  def __call__(self, x, is_local, rope, attn_mask, cache, cache_index, deterministic):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
                                 name=name)
     path = self.prefix
     h, cache = Attention(cfg, self.lora, self.lora_targets, f"{path}/attn",
-                         name="attn")(norm("pre_attention_norm")(x), is_local, positions,
+                         name="attn")(norm("pre_attention_norm")(x), is_local, rope,
                                       attn_mask, cache, cache_index, deterministic)
     if cfg.post_norms:
       h = norm("post_attention_norm")(h)
@@ -407,11 +419,11 @@ class ScannedBlock(Block):
   the layer index, and attention writes the new keys and values into its layer's slot in place;
   as a scanned output it would be a fresh copy of the whole cache at every token."""
 
-  def __call__(self, carry, is_local, positions, attn_mask, cache_index, deterministic):
+  def __call__(self, carry, is_local, rope, attn_mask, cache_index, deterministic):
     x, cache, layer = carry
     if cache is not None:
       cache = {**cache, "layer": layer}
-    x, cache = super().__call__(x, is_local, positions, attn_mask, cache, cache_index,
+    x, cache = super().__call__(x, is_local, rope, attn_mask, cache, cache_index,
                                 deterministic)
     if cache is not None:
       cache = {"k": cache["k"], "v": cache["v"]}
@@ -496,19 +508,20 @@ class Transformer(nn.Module):
       block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),
                        prevent_cse=not cfg.scan_layers, policy=remat_policy(cfg.remat_policy))
     flags = [cfg.is_local(i) for i in range(cfg.num_layers)]
+    rope = rope_tables(cfg, positions)
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0, lora_lib.ADAPTER: 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_layers)
       (x, new_cache, _), _ = scanned(cfg, SCANNED, lora, self.lora_targets, name=SCANNED)(
-          (x, cache, 0), jnp.asarray(flags), positions, attn_mask, cache_index, deterministic)
+          (x, cache, 0), jnp.asarray(flags), rope, attn_mask, cache_index, deterministic)
     else:
       new_cache = {} if cache is not None else None
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache[f"layer_{i}"]
         x, layer_cache = block(cfg, f"layer_{i}", lora, self.lora_targets,
-                               name=f"layer_{i}")(x, flags[i], positions, attn_mask, layer_cache,
+                               name=f"layer_{i}")(x, flags[i], rope, attn_mask, layer_cache,
                                                   cache_index, deterministic)
         if cache is not None:
           new_cache[f"layer_{i}"] = layer_cache

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,54 @@ def test_gradients_only_for_adapters():
   assert all(p.startswith("adapter/") for p in grads)
   assert any("score_head" in p for p in grads)  # the head is trained with the adapters
   assert all(float(jnp.abs(g).max()) > 0 for g in grads.values()), "every adapter leaf learns"
+
+
+def test_low_rank_delta_gradients_equal_autodiff_without_transposing_the_large_operands():
+  keys = jax.random.split(jax.random.key(0), 4)
+  h = jax.random.normal(keys[0], (3, 40, 4, 6))  # [B, T] + in_shape (4, 6): n_in = 2
+  a = jax.random.normal(keys[1], (4, 6, 2))
+  b = jax.random.normal(keys[2], (2, 5, 32))  # out_shape (5, 32)
+  g = jax.random.normal(keys[3], (3, 40, 5, 32))
+  delta = lambda h, a, b: lora_lib.low_rank_delta(h, a, b, 2)
+  by_autodiff = lambda h, a, b: jnp.einsum("btij,ijr,rko->btko", h, a, b)
+  np.testing.assert_allclose(delta(h, a, b), by_autodiff(h, a, b), rtol=1e-5, atol=1e-5)
+  ours = jax.vjp(delta, h, a, b)[1](g)
+  theirs = jax.vjp(by_autodiff, h, a, b)[1](g)
+  for got, want in zip(ours, theirs):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == "cpu":
+    # The reason for the custom backward: XLA:CPU would copy the [N, out] cotangent and the
+    # [N, in] input into transposed layouts ([out, N], [in, N]) to form dB and dA.
+    hlo = jax.jit(jax.grad(lambda h, a, b: (delta(h, a, b) * g).sum(), argnums=(0, 1, 2))).lower(
+        h, a, b).compile().as_text()
+    assert "f32[160,120]" not in hlo and "f32[24,120]" not in hlo
+
+
+def test_bf16_projection_accumulates_in_f32_and_its_backward_stays_in_bf16():
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (3, 5, 4, 6)).astype(jnp.bfloat16)  # n_in = 2
+  kernel = jax.random.normal(keys[1], (4, 6, 7, 2)).astype(jnp.bfloat16)
+  g = jax.random.normal(keys[2], (3, 5, 7, 2)).astype(jnp.bfloat16)
+  project = lambda x, k: lora_lib.project(x, k, 2)
+  exact = lambda x, k: jnp.einsum("btij,ijko->btko", x.astype(jnp.float32), k.astype(jnp.float32))
+  y = project(x, kernel)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, exact(x, kernel).astype(jnp.bfloat16))  # rounded once
+  dx, dk = jax.vjp(project, x, kernel)[1](g)
+  want_dx, want_dk = jax.vjp(exact, x, kernel)[1](g.astype(jnp.float32))
+  assert (dx.dtype, dk.dtype) == (jnp.bfloat16, jnp.bfloat16)
+  np.testing.assert_array_equal(dx, want_dx.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(dk, want_dk.astype(jnp.bfloat16))
+  # Every matmul of the backward multiplies bf16 by bf16 (XLA:CPU's fast AVX512-BF16 kernel),
+  # none the f32 cotangent by an f32 copy of the kernel.
+  hlo = jax.jit(jax.grad(lambda x, k: (project(x, k).astype(jnp.float32) * g).sum(),
+                         argnums=(0, 1))).lower(x, kernel).as_text(dialect="hlo")
+  dtype_of = dict(re.findall(r"^\s*%?([\w.\-]+) = (\w+)\[", hlo, re.M))
+  dots = re.findall(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", hlo)
+  assert dots and all(dtype_of[a] == dtype_of[b] == "bf16" for a, b in dots), (dots, dtype_of)
+  assert float(jnp.abs(lora_lib.project(x.astype(jnp.float32), kernel.astype(jnp.float32), 2)
+                       - exact(x, kernel)).max()) == 0.0  # float32: the plain contraction
 
 
 def test_lora_step_builds_no_backbone_gradient_buffers():
