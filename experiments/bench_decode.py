@@ -50,6 +50,10 @@ _LLAMA_CPP = flags.DEFINE_bool(
     "llama_cpp", False, "also time llama-cpp-python on the --model GGUF file as released (its own "
     "4-bit blocks; pip install llama-cpp-python, built from source), greedy, one prompt at a time "
     "(its Python API decodes one sequence per context)")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"],
+    "weights and compute of both sides (bfloat16: perl_jax model.dtype=bfloat16 with bf16 "
+    "params, transformers' model cast to bf16); the logits check runs in float32 first")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "perl_jax layers under nn.scan (the run "
                           "configs' default; the stacked KV cache is then scanned too)")
 
@@ -91,6 +95,12 @@ def main(argv):
   if logit_diff > (1e-3 if _MODEL.value == "tiny" else 2e-2):  # 270M: 18 f32 layers
     raise SystemExit(f"weight mapping broken: logits differ by {logit_diff}")
 
+  if _DTYPE.value == "bfloat16":  # after the float32 mapping check
+    model = model_lib.build(dataclasses.replace(cfg, dtype="bfloat16"))
+    variables = {**variables, "params": jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                     variables["params"])}
+    hf = hf.to(torch.bfloat16)
+
   jax_tokens = jnp.asarray(prompts, jnp.int32)
   jax_mask = jnp.ones(prompts.shape, bool)
   pt_tokens = torch.as_tensor(prompts, dtype=torch.long)
@@ -118,7 +128,8 @@ def main(argv):
     return np.asarray(out)
 
   modes = [("greedy", 0.0)] + ([("sample_t1", 1.0)] if _SAMPLE.value else [])
-  pairs, notes = [], [f"max |logits_hf - logits_perl_jax| = {logit_diff:.1e} (same weights)",
+  pairs, notes = [], [f"max |logits_hf - logits_perl_jax| = {logit_diff:.1e} (same weights, "
+                      f"float32); both sides then run in {_DTYPE.value}",
                       f"batch {batch} x prompt {prompt_len} -> {new} new tokens; tokens/s counts "
                       f"the {generated} generated tokens of a call"]
   for mode, temperature in modes:
@@ -181,7 +192,7 @@ def main(argv):
     print(f"{mode}: perl_jax median {np.median(perl.values):,.0f} tok/s; " + "; ".join(
         f"{p.side} {np.median(p.values):,.0f} tok/s" for p in peers.values()), flush=True)
 
-  notes.insert(0, f"model: {_MODEL.value} ({lora_count(params):,} params, float32)")
+  notes.insert(0, f"model: {_MODEL.value} ({lora_count(params):,} params, {_DTYPE.value})")
   notes.append("ratio = perl_jax tokens/s / transformers tokens/s of the same (interleaved) repeat")
   notes.append(bc.THREADS_NOTE)
   md = bc.write_results(_OUT.value, "decode", "Decode: perl_jax sampling.sample vs transformers "

@@ -29,6 +29,7 @@ checkpointing and bf16 (TRL's defaults) are off on the TRL side, as on the perl_
 
 Writes rl_step.csv and rl_step.md in --out and prints the table.
 """
+import dataclasses
 import os
 import sys
 import tempfile
@@ -53,6 +54,10 @@ _THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
                              "torch intra-op thread counts to time the peer at (0 = every core)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and prompts")
 _MODEL = flags.DEFINE_string("model", "tiny", bc.MODEL_HELP)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"],
+    "compute dtype of both sides. bfloat16: a bf16 backbone with f32 adapters on both "
+    "(perl_jax model.dtype=bfloat16; transformers loads the model in bf16, TRL bf16=True)")
 
 
 def even_fraction(ids) -> float:
@@ -90,10 +95,10 @@ def main(argv):
   prompts = bc.random_tokens(np.random.default_rng(_SEED.value), (n_prompts * steps, prompt_len),
                              cfg.vocab_size)
 
-  def hf_policy():
+  def hf_policy(dtype=torch.float32):
     if hf_dir:
-      return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    return bc.build_hf_causal_lm(_SEED.value)
+      return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    return bc.build_hf_causal_lm(_SEED.value).to(dtype)
 
   # ------------------------------------------------------------------ perl_jax: roles and step
   hf = hf_policy().eval()
@@ -107,6 +112,10 @@ def main(argv):
   if logit_diff > (1e-3 if hf_dir is None else 2e-2):  # 270M: 18 float32 layers
     raise SystemExit(f"weight mapping broken: logits differ by {logit_diff}")
   del hf
+  if _DTYPE.value == "bfloat16":  # after the float32 mapping check
+    model = model_lib.build(dataclasses.replace(cfg, dtype="bfloat16"), _RANK.value,
+                            lora_targets=("attn/(q|k|v|o)$",))
+    backbone = jax.tree.map(lambda x: x.astype(jnp.bfloat16), backbone)
 
   rcfg = config_base.base_config().rl
   rcfg.update(dict(algorithm="rloo", kl_coef=_BETA.value, kl_mode="reward", temperature=1.0,
@@ -207,8 +216,9 @@ def main(argv):
           trl.RLOOConfig, tmp, per_device_train_batch_size=n_prompts * k, num_generations=k,
           max_completion_length=new, generation_kwargs={"min_new_tokens": new},
           temperature=1.0, top_k=0, top_p=1.0, beta=_BETA.value, num_iterations=1,
-          learning_rate=_LR.value, max_steps=steps, seed=_SEED.value, shuffle_dataset=False)
-      trainer = TimedRLOO(model=hf_policy().train(),
+          learning_rate=_LR.value, max_steps=steps, seed=_SEED.value, shuffle_dataset=False,
+          bf16=_DTYPE.value == "bfloat16")
+      trainer = TimedRLOO(model=hf_policy(getattr(torch, _DTYPE.value)).train(),
                           reward_funcs=[even_reward], args=args, train_dataset=dataset,
                           processing_class=bc.id_tokenizer(cfg.vocab_size),
                           peft_config=bc.lora_config("CAUSAL_LM", _RANK.value),
@@ -221,7 +231,8 @@ def main(argv):
           f"{np.median(peer.values):.3f} s/step", flush=True)
 
   notes += [
-      f"model: {_MODEL.value} ({lora_lib.count_params(backbone):,} backbone params, float32)",
+      f"model: {_MODEL.value} ({lora_lib.count_params(backbone):,} backbone params, "
+      f"{_DTYPE.value})",
       f"max |logits_hf - logits_perl_jax| = {logit_diff:.1e} (same weights)",
       f"{n_prompts} prompts x {k} samples = {n_prompts * k} episodes of {prompt_len} + {new} "
       f"tokens; LoRA rank {_RANK.value} on q/k/v/o; trainable params: perl_jax "

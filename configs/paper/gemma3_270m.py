@@ -37,8 +37,11 @@ Taskmaster's "API: [result] ..." turns go in user turns with their label. A resp
 <end_of_turn>: samples stop there and the reward model's score is read there.
 
 Defaults are sized for this 2-core CPU (measured on an idle CPU: a LoRA reward step of 16 pairs
-x 192 tokens takes 18 s in float32, full tuning 27 s; bfloat16 was not measured here): 192-token
-sequences, batches of 16, one epoch of HH's 1,796 training pairs, float32, remat.
+x 192 tokens takes 18 s in float32, full tuning 27 s): 192-token sequences, batches of 16, one
+epoch of HH's 1,796 training pairs, float32, remat. The results recorded in experiments/README.md
+are float32; on a CPU with AVX512-BF16 `--config.model.dtype=bfloat16` runs a LoRA reward step
+in 20-25% less time (8 pairs x 128 tokens: 2.65 vs 3.37 s with the float32 weights cast at each
+step, 2.3 vs 3.1 s with bfloat16 weights; experiments/README.md, "Against other stacks at 270M").
 `:device=gpu` sizes each task for one accelerator instead (bfloat16, remat, 512 tokens, batch 64,
 longer runs: meant for the whole datasets, not the 2,000-pair HH slice). `:small` is for CI and smoke tests, not results: 2 steps of 8 pairs (or 8 episodes) x 64
 tokens on the real model, 8 held-out rows.
