@@ -210,7 +210,7 @@ def _attend_block(q, k, v, mask, cap):
 def attend(q, k, v, mask, cap: float | None, chunk: int):
   """Softmax attention, exact (soft-cap and masks included), in blocks of `chunk` queries.
 
-  Each block's f32 scores [B, K, G, chunk, S] are rematerialised in the backward pass, so a
+  Each block's f32 scores [B, K, chunk, G, S] are rematerialised in the backward pass, so a
   layer never holds all [B, K, G, T, S] of them at once. chunk 0, or T not a multiple of it
   (decoding), is one block."""
   t = q.shape[1]
