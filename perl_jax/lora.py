@@ -17,7 +17,6 @@ loaded tree with the expected shapes). Only an absent collection means "adapters
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -45,49 +44,50 @@ class LoRASpec:
     return self.alpha / self.rank
 
 
-def _contract(x, kernel, n_in: int, out_dtype=None):
-  """Contracts the last n_in axes of x with the first n_in axes of kernel, as one 2-D matmul."""
+def _contract(x, kernel, n_in: int, matmul=jnp.matmul):
+  """Contracts the last n_in axes of x with the first n_in axes of kernel, as one 2-D matmul
+  (multi-axis contractions made XLA:CPU copy the q/o kernels into transposed layouts)."""
   fan_in = math.prod(kernel.shape[:n_in])
-  lead, out = x.shape[:x.ndim - n_in], kernel.shape[n_in:]
-  y = jax.lax.dot(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1),
-                  preferred_element_type=out_dtype)
-  return y.reshape(lead + out)
+  y = matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1))
+  return y.reshape(x.shape[:x.ndim - n_in] + kernel.shape[n_in:])
 
 
 def project(x, kernel, n_in: int):
   """x's trailing n_in axes contracted with the kernel's leading ones, in x's dtype. Below
   float32 the products are accumulated and returned in float32, then rounded once, in the
-  backward pass too (_project_rounded): XLA:CPU has a bf16 x bf16 -> f32 kernel (AVX512-BF16)
+  backward pass too (_matmul_rounded): XLA:CPU has a bf16 x bf16 -> f32 kernel (AVX512-BF16)
   about 2x faster than its f32 one, but none for a bf16 result or for JAX's default transpose,
   which would multiply the f32 cotangent by the bf16 kernel in f32."""
   if jnp.dtype(x.dtype) == jnp.float32:
     return _contract(x, kernel, n_in)
-  return _project_rounded(x, kernel, n_in)
+  return _contract(x, kernel, n_in, _matmul_rounded)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project_rounded(x, kernel, n_in):
-  return _contract(x, kernel, n_in, jnp.float32).astype(x.dtype)
+def _dot_f32(a, b, contract=(1, 0)):
+  """a @ b over a's axis contract[0] and b's axis contract[1], accumulated in f32."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=jnp.float32)
 
 
-def _project_rounded_fwd(x, kernel, n_in):
-  return _project_rounded(x, kernel, n_in), (x, kernel)
+@jax.custom_vjp
+def _matmul_rounded(x, kernel):
+  """x [N, in] @ kernel [in, out] accumulated in f32, rounded to x's dtype."""
+  return _dot_f32(x, kernel).astype(x.dtype)
 
 
-def _project_rounded_bwd(n_in, res, g):
+def _matmul_rounded_fwd(x, kernel):
+  return _matmul_rounded(x, kernel), (x, kernel)
+
+
+def _matmul_rounded_bwd(res, g):
   x, kernel = res
-  n_lead = x.ndim - n_in
   g = g.astype(kernel.dtype)
-  dx = jax.lax.dot_general(
-      g, kernel, ((tuple(range(n_lead, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())),
-      preferred_element_type=jnp.float32)
   # The kernel's gradient: XLA drops it when the kernel is frozen (LoRA), as it is unused.
-  dk = jax.lax.dot_general(x, g, ((tuple(range(n_lead)), tuple(range(n_lead))), ((), ())),
-                           preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return (_dot_f32(g, kernel, (1, 1)).astype(x.dtype),
+          _dot_f32(x, g, (0, 0)).astype(kernel.dtype))
 
 
-_project_rounded.defvjp(_project_rounded_fwd, _project_rounded_bwd)
+_matmul_rounded.defvjp(_matmul_rounded_fwd, _matmul_rounded_bwd)
 
 
 @jax.custom_vjp
@@ -118,12 +118,10 @@ _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 def low_rank_delta(h, lora_a, lora_b, n_in: int):
   """h's trailing n_in axes contracted with A, then B: the adapter's update before scaling."""
-  rank = lora_a.shape[-1]
   fan_in = math.prod(lora_a.shape[:-1])
-  lead = h.shape[:h.ndim - n_in]
-  out = _low_rank(h.reshape(-1, fan_in), lora_a.reshape(fan_in, rank),
-                  lora_b.reshape(rank, -1))
-  return out.reshape(lead + lora_b.shape[1:])
+  out = _low_rank(h.reshape(-1, fan_in), lora_a.reshape(fan_in, -1),
+                  lora_b.reshape(lora_b.shape[0], -1))
+  return out.reshape(h.shape[:h.ndim - n_in] + lora_b.shape[1:])
 
 
 class LoRAProjection(nn.Module):
