@@ -171,15 +171,24 @@ class RMSNorm(nn.Module):
     return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
 
 
-def rope_tables(cfg: "ModelConfig", positions) -> dict:
+def rope_tables(cfg: "ModelConfig", positions, num_positions: int) -> dict:
   """The rotary sin/cos tables of every layer kind, once per forward pass: {"global": (sin, cos)}
-  plus "local" when local layers use another base; each [B, T, head_dim // 2] f32. Under
-  nn.scan they are computed once outside the layer loop, not in every layer."""
+  plus "local" when local layers use another base; each [B, T, head_dim // 2] f32.
+
+  sin and cos are evaluated on the `num_positions` rows 0..num_positions - 1 and gathered by
+  position (padding positions clipped: padding can hold anything). The caller passes the number
+  of key slots S: a real token's position counts the real tokens before it, all of which are
+  keys, so it is below S. Gathering is exact (the same float ops on the same integers) and
+  keeps XLA from fusing sin and cos into every q/k rotation that reads them, which recomputed
+  them per head in each of them (forward and backward, every layer). Under nn.scan the tables
+  are computed once outside the layer loop."""
+  half = cfg.head_dim // 2
+  rows = jnp.clip(positions, 0, num_positions - 1)
+
   def table(base, scale_factor):
-    half = cfg.head_dim // 2
     timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / cfg.head_dim)
-    angles = positions[..., None].astype(jnp.float32) / scale_factor / timescale
-    return jnp.sin(angles), jnp.cos(angles)
+    angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] / scale_factor / timescale
+    return jnp.take(jnp.sin(angles), rows, axis=0), jnp.take(jnp.cos(angles), rows, axis=0)
   tables = {"global": table(cfg.rope_base, cfg.rope_scale_factor)}
   if (cfg.sliding_window is not None and cfg.local_global_pattern > 0
       and (cfg.rope_local_base or cfg.rope_base, 1.0) != (cfg.rope_base, cfg.rope_scale_factor)):
@@ -508,7 +517,7 @@ class Transformer(nn.Module):
       block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),
                        prevent_cse=not cfg.scan_layers, policy=remat_policy(cfg.remat_policy))
     flags = [cfg.is_local(i) for i in range(cfg.num_layers)]
-    rope = rope_tables(cfg, positions)
+    rope = rope_tables(cfg, positions, attn_mask.shape[-1])
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0, lora_lib.ADAPTER: 0},
                         split_rngs={"params": True, "dropout": True},

@@ -102,3 +102,34 @@ def test_unknown_preset_or_field_is_an_error():
     model_lib.model_config("gemma-3b")
   with pytest.raises(ValueError, match="unknown model fields"):
     model_lib.model_config("tiny", hidden=3)
+
+
+def test_rope_tables_equal_direct_sin_cos_and_are_evaluated_once_per_forward():
+  cfg = model_lib.model_config("tiny-gemma3")  # global and local bases: two tables
+  positions = jnp.array([[0, 1, 2, 3, 4, 5], [7, 7, 0, 1, 2, 3]])  # row 1 left-padded
+  tables = model_lib.rope_tables(cfg, positions, num_positions=6)
+  assert set(tables) == {"global", "local"}
+  for kind, base, scale in (("global", cfg.rope_base, cfg.rope_scale_factor),
+                            ("local", cfg.rope_local_base, 1.0)):
+    timescale = base ** (2.0 * jnp.arange(cfg.head_dim // 2, dtype=jnp.float32) / cfg.head_dim)
+    angles = positions[1:, 2:, None].astype(jnp.float32) / scale / timescale  # real tokens
+    sin, cos = tables[kind]
+    np.testing.assert_array_equal(np.asarray(sin[1:, 2:]), np.asarray(jnp.sin(angles)))
+    np.testing.assert_array_equal(np.asarray(cos[1:, 2:]), np.asarray(jnp.cos(angles)))
+    # Padding positions past the table read its last row (padding can hold anything).
+    np.testing.assert_array_equal(np.asarray(sin[1, :2]), np.asarray(sin[0, [5, 5]]))
+
+  # XLA fuses elementwise sin/cos into each consumer; gathered from the tables, they are
+  # evaluated once per table in a whole training forward and backward, not per layer and head.
+  cfg = model_lib.model_config("tiny-gemma3", num_layers=4)
+  model = model_lib.build(cfg, 2)
+  variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
+  mask = jnp.ones((2, 16), bool)
+
+  def loss(adapter):
+    out = model.apply({**variables, "adapter": adapter}, jnp.ones((2, 16), jnp.int32),
+                      model_lib.positions_from_mask(mask), model_lib.causal_mask(mask),
+                      logits=False, scores=True)
+    return out["scores"].sum()
+  hlo = jax.jit(jax.grad(loss)).lower(variables["adapter"]).compile().as_text()
+  assert hlo.count(" sine(") == 2 and hlo.count(" cosine(") == 2, hlo.count(" sine(")
