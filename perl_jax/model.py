@@ -313,10 +313,14 @@ class _Lora(nn.Module):
 class Attention(_Lora):
 
   @nn.compact
-  def __call__(self, x, is_local, rope, attn_mask, cache, cache_index, deterministic):
+  def __call__(self, x, is_local, rope, attn_mask, cache, cache_index, deterministic,
+               rows=None):
+    """rows: None, or [B] positions: only they query (outputs [B, 1, d]); keys and values come
+    from every position of x. Not with a cache."""
     cfg = self.cfg
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = self.proj("q", (d,), (h, hd))(x, deterministic)
+    at_rows = (lambda a: a) if rows is None else (lambda a: take_rows(a, rows))
+    q = self.proj("q", (d,), (h, hd))(at_rows(x), deterministic)
     k = self.proj("k", (d,), (kv, hd))(x, deterministic)
     v = self.proj("v", (d,), (kv, hd))(x, deterministic)
     if cfg.qk_norm:
@@ -328,7 +332,7 @@ class Attention(_Lora):
     sin, cos = rope["global"]
     if "local" in rope:  # under nn.scan `is_local` is traced: select the table, not the layer
       sin, cos = (jnp.where(local, a, b) for a, b in zip(rope["local"], rope["global"]))
-    q = apply_rope(q, sin, cos)
+    q = apply_rope(q, at_rows(sin), at_rows(cos))
     k = apply_rope(k, sin, cos)
     q = q * (cfg.query_pre_attn_scalar or hd) ** -0.5
 
@@ -343,18 +347,23 @@ class Attention(_Lora):
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
       cache = {"k": k, "v": v}
-    b, t = x.shape[:2]
+    b, t = q.shape[:2]
     s = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, hd)
-    mask = attn_mask
-    if has_local:
-      q_slot = start + jnp.arange(t)
-      k_slot = jnp.arange(s)
-      in_window = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
-      mask = mask & (in_window | ~local)[None]
+    mask = at_rows(attn_mask)
+    if has_local:  # query slots [1 or B, t] against key slots
+      q_slot = (start + jnp.arange(t))[None] if rows is None else rows[:, None]
+      in_window = (q_slot[:, :, None] - jnp.arange(s)) < cfg.sliding_window
+      mask = mask & (in_window | ~local)
     out = attend(qg, k.astype(q.dtype), v, mask, cfg.attn_logit_softcap, cfg.attention_chunk)
     return self.proj("o", (h, hd), (d,))(out.reshape(b, t, h, hd).astype(x.dtype),
                                          deterministic), cache
+
+
+def take_rows(a, rows):
+  """a [B, T, ...] at one position per row, rows [B] -> [B, 1, ...]. take_along_axis gathers
+  within each row, so a batch sharded over devices stays where it is."""
+  return jnp.take_along_axis(a, rows.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)
 
 
 class MLP(_Lora):
@@ -380,17 +389,19 @@ class Block(nn.Module):
   lora_targets: frozenset
 
   @nn.compact
-  def __call__(self, x, is_local, rope, attn_mask, cache, cache_index, deterministic):
+  def __call__(self, x, is_local, rope, attn_mask, cache, cache_index, deterministic,
+               rows=None):
+    """rows: None, or [B] positions: the layer's output only there ([B, 1, d]; see Attention)."""
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
                                 name=name)
     path = self.prefix
     h, cache = Attention(cfg, self.lora, self.lora_targets, f"{path}/attn",
                          name="attn")(norm("pre_attention_norm")(x), is_local, rope,
-                                      attn_mask, cache, cache_index, deterministic)
+                                      attn_mask, cache, cache_index, deterministic, rows)
     if cfg.post_norms:
       h = norm("post_attention_norm")(h)
-    x = x + h
+    x = (x if rows is None else take_rows(x, rows)) + h
     h = norm("pre_ffw_norm")(x)
     blocks = mlp_blocks(cfg, h.shape[1])
     if blocks == 1:
@@ -493,7 +504,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions, attn_mask, *, cache=None, cache_index=None,
-               logits: bool = True, scores: bool = False, deterministic: bool = True):
+               logits: bool = True, scores: bool = False, deterministic: bool = True,
+               rows=None):
     """Runs the model.
 
     Args:
@@ -504,10 +516,18 @@ class Transformer(nn.Module):
       cache: optional {"layer_i": {"k", "v"}} from `init_cache`; keys/values of these tokens are
         written at slots [cache_index, cache_index + T).
       logits / scores: which outputs to compute (the vocab projection is the largest matmul).
+      rows: None, or [B] int positions: every output only at these ([B, 1, ...]), e.g. a
+        reward model's score at each sequence's last token. The last layer then runs its
+        queries, attention, output projection and MLP at them alone: nothing after it reads the
+        other positions (with unrolled layers; under nn.scan the outputs are just gathered).
+        Not with a cache.
     Returns:
       dict with "hidden" [B, T, d], "logits" [B, T, V] f32, "scores" [B, T] f32, "cache".
     """
     cfg = self.cfg
+    if rows is not None and cache is not None:
+      raise ValueError("Transformer: `rows` (outputs at one position per row) is not for "
+                       "decoding with a KV cache")
     embedder = _stored_param(self, "embedder", "input_embedding", (cfg.vocab_size, cfg.d_model),
                              1, cfg, nn.initializers.normal(cfg.d_model ** -0.5))
     x = embed(cfg, embedder, tokens)
@@ -525,13 +545,17 @@ class Transformer(nn.Module):
                         length=cfg.num_layers)
       (x, new_cache, _), _ = scanned(cfg, SCANNED, lora, self.lora_targets, name=SCANNED)(
           (x, cache, 0), jnp.asarray(flags), rope, attn_mask, cache_index, deterministic)
+      if rows is not None:
+        x = take_rows(x, rows)
     else:
       new_cache = {} if cache is not None else None
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache[f"layer_{i}"]
+        last = i == cfg.num_layers - 1
         x, layer_cache = block(cfg, f"layer_{i}", lora, self.lora_targets,
                                name=f"layer_{i}")(x, flags[i], rope, attn_mask, layer_cache,
-                                                  cache_index, deterministic)
+                                                  cache_index, deterministic,
+                                                  rows if last else None)
         if cache is not None:
           new_cache[f"layer_{i}"] = layer_cache
     hidden = RMSNorm(cfg.norm_offset, cfg.norm_eps, jnp.dtype(cfg.param_dtype),
@@ -583,10 +607,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
           for i in range(cfg.num_layers)}
 
 
+def last_token_index(input_mask):
+  """[B] position of each row's last real token (left or right padding)."""
+  return input_mask.shape[1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=1)
+
+
 def last_token_values(values, input_mask):
   """values [B, T] read at the last real token of each row (works for left or right padding)."""
-  idx = values.shape[1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=1)
-  return jnp.take_along_axis(values, idx[:, None], axis=1)[:, 0]
+  return jnp.take_along_axis(values, last_token_index(input_mask)[:, None], axis=1)[:, 0]
 
 
 # ----------------------------------------------------------------------------- construction

@@ -130,11 +130,12 @@ def backbone_for(config: ml_collections.ConfigDict, workdir: str,
 # ----------------------------------------------------------------------------- entry points
 
 
-def _forward(model, variables, tokens, input_mask, scores=False, deterministic=True, rng=None):
+def _forward(model, variables, tokens, input_mask, scores=False, deterministic=True, rng=None,
+             rows=None):
   return model.apply(variables, tokens, model_lib.positions_from_mask(input_mask),
                      model_lib.causal_mask(input_mask), logits=False, scores=scores,
                      deterministic=deterministic,
-                     rngs=None if rng is None else {"dropout": rng})
+                     rngs=None if rng is None else {"dropout": rng}, rows=rows)
 
 
 def token_logprobs(model: model_lib.Transformer, variables, tokens, input_mask, start: int = 1,
@@ -153,9 +154,10 @@ def sequence_scores(model: model_lib.Transformer, variables, tokens, input_mask,
   """The score head read at each sequence's last real token. tokens: [..., L] -> [...]."""
   lead, length = tokens.shape[:-1], tokens.shape[-1]
   flat_tokens, flat_mask = tokens.reshape(-1, length), input_mask.reshape(-1, length)
+  # Only the last real token's score is read: the last layer runs there alone.
   out = _forward(model, variables, flat_tokens, flat_mask, scores=True,
-                 deterministic=deterministic, rng=rng)
-  return model_lib.last_token_values(out["scores"], flat_mask).reshape(lead)
+                 deterministic=deterministic, rng=rng, rows=model_lib.last_token_index(flat_mask))
+  return out["scores"][:, 0].reshape(lead)
 
 
 def token_values(model: model_lib.Transformer, variables, tokens, input_mask, start: int,

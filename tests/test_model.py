@@ -133,3 +133,39 @@ def test_rope_tables_equal_direct_sin_cos_and_are_evaluated_once_per_forward():
     return out["scores"].sum()
   hlo = jax.jit(jax.grad(loss)).lower(variables["adapter"]).compile().as_text()
   assert hlo.count(" sine(") == 2 and hlo.count(" cosine(") == 2, hlo.count(" sine(")
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny-gemma3", {}), ("tiny-gemma3", {"num_layers": 2}),  # last layer global / local
+    ("tiny-gemma2", {"remat": True}), ("tiny-llama", {}), ("tiny-gemma3", {"scan_layers": True})])
+def test_outputs_at_rows_equal_the_full_forward_read_there(preset, overrides):
+  """rows= runs the last layer at one position per row (a reward model's last token): the same
+  scores and adapter gradients as reading the full forward's there, with left and right
+  padding, and a last layer with a window shorter than the sequence."""
+  from perl_jax import roles
+  cfg = model_lib.model_config(preset, **overrides)
+  model = model_lib.build(cfg, 2)
+  variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
+  adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                         variables["adapter"])  # B != 0: the adapters change the scores
+  tokens = jax.random.randint(jax.random.key(2), (3, 12), 1, cfg.vocab_size)
+  mask = jnp.ones((3, 12), bool).at[1, 9:].set(False).at[2, :4].set(False)
+
+  def full(adapter):
+    out = model.apply({**variables, "adapter": adapter}, tokens,
+                      model_lib.positions_from_mask(mask), model_lib.causal_mask(mask),
+                      logits=False, scores=True)
+    return model_lib.last_token_values(out["scores"], mask)
+
+  def at_rows(adapter):
+    return roles.sequence_scores(model, {**variables, "adapter": adapter}, tokens, mask)
+  np.testing.assert_allclose(np.asarray(at_rows(adapter)), np.asarray(full(adapter)),
+                             rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda a, f=f: jnp.sum(f(a) * jnp.array([1.0, -2.0, 0.5])))(adapter)
+           for f in (full, at_rows)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="rows"):
+    model.apply(variables, tokens[:, :1], jnp.zeros((3, 1), jnp.int32),
+                model_lib.decode_mask(jnp.ones((3, 4), bool), 0, 1),
+                cache=model_lib.init_cache(cfg, 3, 4), cache_index=0, rows=jnp.zeros(3, int))

@@ -94,6 +94,23 @@ def test_sharded_step_matches_single_device(problem_fn):
       assert kernel.addressable_shards[0].data.size == kernel.size // (fsdp * tensor)
 
 
+def test_data_parallel_reward_step_moves_no_activations():
+  """On a data-only mesh each device scores its own rows: the step's only collectives are the
+  gradient and metric all-reduces (reading each row's last token, the score read, the last
+  layer's rows, must gather within a row, not across devices)."""
+  loss_fn, trainable, frozen, batch = _reward_problem()
+  mesh = _mesh((8, 1, 1))
+  optimizer = train_lib.make_optimizer(config_base.base_config().reward.optim, 10)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+           "opt_state": optimizer.init(trainable)}
+  step_fn, state_sh, frozen_sh = train_lib.sharded_train_step(
+      train_lib.make_train_step(loss_fn, optimizer, 1), mesh, state, frozen)
+  hlo = step_fn.lower(jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh),
+                      sharding_lib.put_batch(batch, mesh), jax.random.key(0)).compile().as_text()
+  for collective in ("all-gather(", "all-to-all(", "collective-permute("):
+    assert collective not in hlo, collective
+
+
 def test_unmatched_parameter_is_an_error():
   mesh = _mesh((1, 1, 1))
   with pytest.raises(ValueError, match="no sharding rule matches parameter mystery/weight"):
