@@ -511,6 +511,8 @@ class Transformer(nn.Module):
     Args:
       tokens: [B, T] int token ids.
       positions: [B, T] int positions (0 at the first real token; padding can hold anything).
+        A real token's position must be below S (attn_mask's last axis): it counts the real
+        tokens before it, which are all keys (see rope_tables).
       attn_mask: [B, T, S] bool, True where query t may attend to key slot s (S = T without a
         cache, the cache length with one). Build it with `causal_mask` / `decode_mask`.
       cache: optional {"layer_i": {"k", "v"}} from `init_cache`; keys/values of these tokens are
@@ -533,7 +535,7 @@ class Transformer(nn.Module):
     x = embed(cfg, embedder, tokens)
     lora = self._active_lora()
     block = ScannedBlock if cfg.scan_layers else Block
-    if cfg.remat:  # the last argument (`deterministic`, a Python bool) is static; self is 0
+    if cfg.remat:  # `deterministic` (a Python bool, before `rows`) is static; self is 0
       block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),
                        prevent_cse=not cfg.scan_layers, policy=remat_policy(cfg.remat_policy))
     flags = [cfg.is_local(i) for i in range(cfg.num_layers)]
