@@ -23,10 +23,13 @@ Tasks (the `:task=` arg):
                  0.64-0.65 with 384-token contexts (--config.data.max_len=384 for the reward
                  stage), no better than the 1M model's nor than a bag of words (0.63-0.67,
                  experiments/taskmaster_rm_baseline.py); with 36 negatives in the test split
-                 such an AUC has a standard error of 0.044. RL (20 steps): on 384 held-out
-                 contexts well-formed turns 0.904 -> 0.951 (2.5 standard errors) and the RM
-                 prefers the policy (win rate 0.564); same act and exact calls move by less
-                 than one standard error (--config.rl.num_eval_prompts=384 to evaluate so).
+                 such an AUC has a standard error of 0.044. The SFT model's own likelihood
+                 of the response, not trained as a reward, ranks the labels about as well
+                 (AUC 0.64-0.67, experiments/taskmaster_likelihood_baseline.py). RL (20
+                 steps): on 384 held-out contexts well-formed turns 0.904 -> 0.951 (2.5
+                 standard errors) and the RM prefers the policy (win rate 0.564); same act
+                 and exact calls move by less than one standard error
+                 (--config.rl.num_eval_prompts=384 to evaluate so).
 
 Chat formatting (tokenizer.chat_template="gemma", perl_jax/chat.py): every dialog is rendered in
 Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (105) and
