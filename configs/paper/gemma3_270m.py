@@ -101,6 +101,20 @@ def get_config(arg=None):
     _reward_model(c, steps=80, eval_every=40)  # 1,280 of the 2,876 training examples
     if arg.task == "taskmaster_rm":
       c.stages = ("reward",)
+      # Measured best here (experiments/README.md): one pass over the 2,876 training rows in
+      # batches of 32 (2 x 16 accumulated: ~4 negatives each, a steadier class-balanced loss),
+      # rank 8 on attention and MLP, 384-token contexts (72% of the rows fit whole), bfloat16
+      # (20-25% faster on AVX512-BF16 CPUs): AUC 0.71 at the end vs 0.65 with the settings
+      # above. 47 min on 2 cores.
+      c.data.max_len = 384
+      c.model.dtype = c.model.param_dtype = "bfloat16"
+      c.lora.rank, c.lora.alpha = 8, 16.0
+      c.lora.targets = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+      t = c.reward.train
+      t.steps, t.batch_size, t.accum_steps = 90, 32, 2
+      t.eval_every = t.checkpoint_every = 30
+      t.log_every = 5
+      c.reward.optim.lr = 3e-4
     else:
       c.stages = ("sft", "reward", "rl", "report")
       # Every SFT and RL token costs a 262k-way vocabulary projection (most of those steps'
