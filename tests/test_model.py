@@ -119,9 +119,9 @@ def test_rope_tables_equal_direct_sin_cos_and_are_evaluated_once_per_forward():
     # Padding positions past the table read its last row (padding can hold anything).
     np.testing.assert_array_equal(np.asarray(sin[1, :2]), np.asarray(sin[0, [5, 5]]))
 
-  # XLA fuses elementwise sin/cos into each consumer; gathered from the tables, they are
-  # evaluated once per table in a whole training forward and backward, not per layer and head.
-  cfg = model_lib.model_config("tiny-gemma3", num_layers=4)
+  # XLA fuses elementwise sin/cos into each consumer (10 sine ops in this forward and backward
+  # when computed per position); gathered from the tables, they are evaluated once per table.
+  cfg = model_lib.model_config("tiny-gemma3", num_layers=2)
   model = model_lib.build(cfg, 2)
   variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
   mask = jnp.ones((2, 16), bool)
@@ -137,7 +137,7 @@ def test_rope_tables_equal_direct_sin_cos_and_are_evaluated_once_per_forward():
 
 @pytest.mark.parametrize("preset,overrides", [
     ("tiny-gemma3", {}), ("tiny-gemma3", {"num_layers": 2}),  # last layer global / local
-    ("tiny-gemma2", {"remat": True}), ("tiny-llama", {}), ("tiny-gemma3", {"scan_layers": True})])
+    ("tiny-gemma2", {"remat": True}), ("tiny-gemma3", {"scan_layers": True})])
 def test_outputs_at_rows_equal_the_full_forward_read_there(preset, overrides):
   """rows= runs the last layer at one position per row (a reward model's last token): the same
   scores and adapter gradients as reading the full forward's there, with left and right
@@ -159,9 +159,9 @@ def test_outputs_at_rows_equal_the_full_forward_read_there(preset, overrides):
 
   def at_rows(adapter):
     return roles.sequence_scores(model, {**variables, "adapter": adapter}, tokens, mask)
-  np.testing.assert_allclose(np.asarray(at_rows(adapter)), np.asarray(full(adapter)),
-                             rtol=1e-5, atol=1e-5)
-  grads = [jax.grad(lambda a, f=f: jnp.sum(f(a) * jnp.array([1.0, -2.0, 0.5])))(adapter)
+  np.testing.assert_allclose(np.asarray(jax.jit(at_rows)(adapter)),
+                             np.asarray(jax.jit(full)(adapter)), rtol=1e-5, atol=1e-5)
+  grads = [jax.jit(jax.grad(lambda a, f=f: jnp.sum(f(a) * jnp.array([1.0, -2.0, 0.5]))))(adapter)
            for f in (full, at_rows)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
