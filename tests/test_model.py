@@ -119,9 +119,9 @@ def test_rope_tables_equal_direct_sin_cos_and_are_evaluated_once_per_forward():
     # Padding positions past the table read its last row (padding can hold anything).
     np.testing.assert_array_equal(np.asarray(sin[1, :2]), np.asarray(sin[0, [5, 5]]))
 
-  # XLA fuses elementwise sin/cos into each consumer (10 sine ops in this forward and backward
+  # XLA fuses elementwise sin/cos into each consumer (15 sine ops in this forward and backward
   # when computed per position); gathered from the tables, they are evaluated once per table.
-  cfg = model_lib.model_config("tiny-gemma3", num_layers=2)
+  # tiny-gemma3's 3 layers: two local, then a global one (both tables used).
   model = model_lib.build(cfg, 2)
   variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
   mask = jnp.ones((2, 16), bool)
