@@ -13,7 +13,6 @@ response (its <end_of_turn> included). Prints each score's ROC AUC against the 0
 its Hanley & McNeil standard error. The test split has 36 negatives; the training split (2,876
 rows, never seen by this score) measures the same AUC about three times more precisely.
 """
-import math
 import os
 import sys
 import tempfile
@@ -32,12 +31,6 @@ _RESPONSE_LEN = flags.DEFINE_integer("response_len", 96,
                                      "response tokens scored per row (longer ones: the first)")
 _BATCH = flags.DEFINE_integer("batch", 8, "rows per forward pass")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: a temporary folder)")
-
-
-def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
-  q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-  var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
-  return math.sqrt(var / (n_pos * n_neg))
 
 
 def main(argv):
@@ -107,7 +100,7 @@ def main(argv):
         f"standard error |\n|---|---|---|")
   for name, score in scores.items():
     auc = reward_lib.roc_auc(score, labels)
-    print(f"| {name} | {auc:.3f} | {hanley_mcneil_se(auc, n_pos, n_neg):.3f} |")
+    print(f"| {name} | {auc:.3f} | {reward_lib.roc_auc_standard_error(auc, n_pos, n_neg):.3f} |")
 
 
 if __name__ == "__main__":

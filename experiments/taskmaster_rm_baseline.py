@@ -16,7 +16,6 @@ balanced, as `reward.balance_classes`) on the training split, and scores the tes
     270M LoRA reward models in experiments/README.md): a difference smaller than two of them is
     not a measured difference.
 """
-import math
 import os
 import sys
 import tempfile
@@ -30,13 +29,6 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: a tempo
 _AUC = flags.DEFINE_list("auc", [], "reward-model AUCs to put error bars on")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "bootstrap resamples of the test split")
 _SEED = flags.DEFINE_integer("seed", 0, "bootstrap seed")
-
-
-def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
-  """Standard error of an ROC AUC from n_pos positives and n_neg negatives (Hanley & McNeil)."""
-  q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-  var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
-  return math.sqrt(var / (n_pos * n_neg))
 
 
 def bootstrap_interval(scores, labels, resamples: int, seed: int) -> tuple[float, float]:
@@ -70,6 +62,7 @@ def main(argv):
   except ImportError:
     raise SystemExit("this script needs scikit-learn: pip install scikit-learn")
   from perl_jax.data import loader
+  from perl_jax.reward import roc_auc_standard_error
 
   data_dir = _DATA_DIR.value or tempfile.mkdtemp(prefix="taskmaster_tfds_")
   load = lambda split: loader.load_preferences("taskmaster", split, _MANUAL_DIR.value, data_dir)
@@ -93,7 +86,7 @@ def main(argv):
   print(f"\nROC AUC standard error on this test split ({n_pos} positives, {n_neg} negatives; "
         "Hanley & McNeil):")
   for auc in [0.65, 0.75, 0.85] + [float(a) for a in _AUC.value]:
-    print(f"  AUC {auc:.3f}: +/- {hanley_mcneil_se(auc, n_pos, n_neg):.3f}")
+    print(f"  AUC {auc:.3f}: +/- {roc_auc_standard_error(auc, n_pos, n_neg):.3f}")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   return float(u / (len(positives) * len(negatives)))
 
 
+def roc_auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+  """Standard error of an ROC AUC measured on n_pos positives and n_neg negatives (Hanley &
+  McNeil 1982): how far apart two AUCs on the same rows must be to differ measurably."""
+  q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+  var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
+  return float(np.sqrt(var / (n_pos * n_neg)))
+
+
 def _data_dirs(config, workdir):
   dcfg = config.reward.data
   manual_dir = dcfg.manual_dir or (os.path.join(workdir, "prefs")
