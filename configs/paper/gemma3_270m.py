@@ -34,7 +34,10 @@ Tasks (the `:task=` arg):
                  steps): on 384 held-out contexts well-formed turns 0.904 -> 0.951 (2.5
                  standard errors) and the RM prefers the policy (win rate 0.564); same act
                  and exact calls move by less than one standard error
-                 (--config.rl.num_eval_prompts=384 to evaluate so).
+                 (--config.rl.num_eval_prompts=384 to evaluate so). Against the one-pass
+                 recipe's reward model (rank 8 on attention + MLP, so the policy's adapters
+                 too) at the same lr, RL reward-hacks: KL 1.80, well-formed 1.000, but same
+                 act 0.557 -> 0.349 and exact calls 0.259 -> 0.063 (experiments/README.md).
 
 Chat formatting (tokenizer.chat_template="gemma", perl_jax/chat.py): every dialog is rendered in
 Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (105) and
