@@ -219,6 +219,11 @@ def _finite(stage, result, *keys):
     assert isinstance(value, (int, float)) and math.isfinite(value), f"[{stage}] {key} = {value!r}"
 
 
+def _records(workdir, prefix):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if any(k.startswith(prefix) for k in r)]
+
+
 def _check_stage(stage, result, config, workdir):
   """A stage's results are there and make sense, not just that it ran."""
   if stage in ("sft", "reward", "rl"):
@@ -253,7 +258,7 @@ def _check_stage(stage, result, config, workdir):
 
 @pytest.mark.parametrize("path, arg", SMALL,
                          ids=[f"{os.path.relpath(p, ROOT)}:{a}" for p, a in SMALL])
-def test_small_mode_runs_end_to_end(path, arg, tmp_path, compilation_cache_dir):
+def test_small_mode_runs_end_to_end(path, arg, tmp_path, compilation_cache_dir, monkeypatch):
   name = os.path.relpath(path, ROOT)
   full, module = _load(path, arg.replace("small", "").strip(",") or None)
   try:
@@ -271,7 +276,16 @@ def test_small_mode_runs_end_to_end(path, arg, tmp_path, compilation_cache_dir):
   _with_data(small, tmp_path)
   small.lock()  # as the command line loads it
   workdir = str(tmp_path / "workdir")
+  rl_evaluations = []  # held-out RL evaluations run (each samples every eval prompt)
+  make_evaluator = rl.make_evaluator
+
+  def counting_evaluator(*args, **kwargs):
+    evaluate = make_evaluator(*args, **kwargs)
+    return lambda trainable: rl_evaluations.append(1) or evaluate(trainable)
+  monkeypatch.setattr(rl, "make_evaluator", counting_evaluator)
   summary = main.run(small, workdir)
+  if "rl" in small.stages:  # the one before training, then fit's; the last one is reused
+    assert len(rl_evaluations) == 1 + len(_records(workdir, "rl/eval/")), rl_evaluations
   assert set(summary["stages"]) == set(small.stages)
   for stage in small.stages:
     _check_stage(stage, summary["stages"][stage], small, workdir)
