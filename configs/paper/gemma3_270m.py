@@ -37,7 +37,8 @@ Tasks (the `:task=` arg):
                  (--config.rl.num_eval_prompts=384 to evaluate so). Against the one-pass
                  recipe's reward model (rank 8 on attention + MLP, so the policy's adapters
                  too) at the same lr, RL reward-hacks: KL 1.80, well-formed 1.000, but same
-                 act 0.557 -> 0.349 and exact calls 0.259 -> 0.063 (experiments/README.md).
+                 act 0.557 -> 0.349 and exact calls 0.259 -> 0.063; at lr 5e-5 KL 0.70, same
+                 act 0.471, exact calls 0.126 (experiments/README.md).
 
 Chat formatting (tokenizer.chat_template="gemma", perl_jax/chat.py): every dialog is rendered in
 Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (105) and
