@@ -17,6 +17,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 from perl_jax import main
 from perl_jax import model as model_lib
 from perl_jax import rl
+from perl_jax import train as train_lib
 from perl_jax.data import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,11 +220,6 @@ def _finite(stage, result, *keys):
     assert isinstance(value, (int, float)) and math.isfinite(value), f"[{stage}] {key} = {value!r}"
 
 
-def _records(workdir, prefix):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if any(k.startswith(prefix) for k in r)]
-
-
 def _check_stage(stage, result, config, workdir):
   """A stage's results are there and make sense, not just that it ran."""
   if stage in ("sft", "reward", "rl"):
@@ -285,7 +281,8 @@ def test_small_mode_runs_end_to_end(path, arg, tmp_path, compilation_cache_dir, 
   monkeypatch.setattr(rl, "make_evaluator", counting_evaluator)
   summary = main.run(small, workdir)
   if "rl" in small.stages:  # the one before training, then fit's; the last one is reused
-    assert len(rl_evaluations) == 1 + len(_records(workdir, "rl/eval/")), rl_evaluations
+    logged_evals = [h for h in train_lib.read_history(workdir, "rl") if "eval_reward" in h]
+    assert len(rl_evaluations) == 1 + len(logged_evals), rl_evaluations
   assert set(summary["stages"]) == set(small.stages)
   for stage in small.stages:
     _check_stage(stage, summary["stages"][stage], small, workdir)
