@@ -204,6 +204,15 @@ def base_config() -> ml_collections.ConfigDict:
       # Pointwise 0/1 data: weight the BCE so each label carries half of the loss (for
       # imbalanced labels, e.g. Taskmaster's 86% ones).
       balance_classes=False,
+      # Train on packed rows (perl_jax/packing.py): each example's sequences in one block with
+      # their shared prompt once, blocks back to back, no padding between them. The same loss
+      # and gradients as padded rows over the same examples, on fewer token slots (HH
+      # harmless-base at 192 tokens: 73% of them; at 512: 39%). Held-out scoring stays padded.
+      pack=False,
+      # Tokens per packed row; 0 = K x data.max_len (K = 2 for pairs, 1 for 0/1 labels), which
+      # every example fits. Shorter rows waste less at the row ends, but each must hold the
+      # longest example (checked when the stage starts).
+      pack_row_len=0,
       eval_batch_size=64,
       train=train(steps=120, batch_size=32),
       optim=optim(lr=3e-3, full_lr=3e-4),

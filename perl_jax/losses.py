@@ -15,25 +15,37 @@ _MAX_LOG_RATIO = 20.0  # exp(20) is finite in bf16 and f32; larger log-ratios ar
 # ----------------------------------------------------------------------------- reward models
 
 
-def preference_loss(scores, labels, margin: float = 0.0, weights=None):
+def preference_loss(scores, labels, margin: float = 0.0, weights=None, mask=None):
   """Loss and metrics from scores [B, 2] (pairwise: chosen, rejected) or [B, 1] (pointwise).
 
   Pairwise: Bradley-Terry, -log sigmoid(r_chosen - r_rejected - margin).
   Pointwise: binary cross-entropy with the score as the logit of a 0/1 label, averaged with
   `weights` [B] when given (e.g. class-balancing weights).
+  mask [B]: only the True rows count (a packed batch's empty block slots).
   """
   scores = scores.astype(jnp.float32)
+  if mask is None:
+    mean = jnp.mean
+  else:
+    valid = mask.astype(jnp.float32)
+    mean = lambda x: (jnp.sum(x * (valid if x.ndim == 1 else valid[:, None]))
+                      / jnp.maximum(jnp.sum(valid) * (1 if x.ndim == 1 else x.shape[1]), 1.0))
+  std = jnp.std if mask is None else lambda x: jnp.sqrt(mean((x - mean(x)) ** 2))
   if scores.shape[1] == 2:
     diff = scores[:, 0] - scores[:, 1]
-    loss = jnp.mean(jax.nn.softplus(-(diff - margin)))
-    return loss, {"accuracy": jnp.mean(diff > 0), "margin": jnp.mean(diff),
-                  "reward_mean": jnp.mean(scores), "reward_std": jnp.std(scores)}
+    loss = mean(jax.nn.softplus(-(diff - margin)))
+    return loss, {"accuracy": mean(diff > 0), "margin": mean(diff),
+                  "reward_mean": mean(scores), "reward_std": std(scores)}
   logits = scores[:, 0]
   per_example = optax.sigmoid_binary_cross_entropy(logits, labels)
-  loss = (jnp.mean(per_example) if weights is None
-          else jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1e-6))
-  return loss, {"accuracy": jnp.mean((logits > 0) == (labels > 0.5)),
-                "reward_mean": jnp.mean(logits), "reward_std": jnp.std(logits)}
+  if weights is None and mask is None:
+    loss = jnp.mean(per_example)
+  else:
+    weights = (jnp.ones_like(per_example) if weights is None else weights) * (
+        1.0 if mask is None else valid)
+    loss = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
+  return loss, {"accuracy": mean((logits > 0) == (labels > 0.5)),
+                "reward_mean": mean(logits), "reward_std": std(logits)}
 
 
 # ----------------------------------------------------------------------------- KL estimators

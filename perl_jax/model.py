@@ -351,8 +351,13 @@ class Attention(_Lora):
     s = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, hd)
     mask = at_rows(attn_mask)
-    if has_local:  # query slots [1 or B, t] against key slots
-      q_slot = (start + jnp.arange(t))[None] if rows is None else rows[:, None]
+    if has_local and cache is None:  # by position: in a packed row (perl_jax.packing) a
+      # key can sit further from its query than their positions are apart
+      positions = rope["positions"]
+      in_window = (at_rows(positions)[:, :, None] - positions[:, None, :]) < cfg.sliding_window
+      mask = mask & (in_window | ~local)
+    elif has_local:  # query slots [1, t] against the cache's key slots
+      q_slot = (start + jnp.arange(t))[None]
       in_window = (q_slot[:, :, None] - jnp.arange(s)) < cfg.sliding_window
       mask = mask & (in_window | ~local)
     out = attend(qg, k.astype(q.dtype), v, mask, cfg.attn_logit_softcap, cfg.attention_chunk)
@@ -539,7 +544,7 @@ class Transformer(nn.Module):
       block = nn.remat(block, static_argnums=(6 if cfg.scan_layers else 7,),
                        prevent_cse=not cfg.scan_layers, policy=remat_policy(cfg.remat_policy))
     flags = [cfg.is_local(i) for i in range(cfg.num_layers)]
-    rope = rope_tables(cfg, positions, attn_mask.shape[-1])
+    rope = dict(rope_tables(cfg, positions, attn_mask.shape[-1]), positions=positions)
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0, lora_lib.ADAPTER: 0},
                         split_rngs={"params": True, "dropout": True},

@@ -21,7 +21,9 @@ from perl_jax import common
 from perl_jax import evaluation
 from perl_jax import lora as lora_lib
 from perl_jax import losses
+from perl_jax import packing
 from perl_jax import roles
+from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 from perl_jax.data import batching
 
@@ -52,6 +54,18 @@ def reward_loss_fn(model, margin: float):
     scores = roles.sequence_scores(model, {**frozen, **trainable}, batch["tokens"],
                                    batch["input_mask"], deterministic=False, rng=rng)
     return losses.preference_loss(scores, batch["label"], margin, batch.get("weight"))
+  return loss_fn
+
+
+def packed_reward_loss_fn(model, margin: float):
+  """reward_loss_fn on a packed batch (perl_jax.packing): the same loss, fewer tokens run."""
+  def loss_fn(trainable, frozen, batch, rng):
+    scores = roles.packed_scores(model, {**frozen, **trainable}, batch, deterministic=False,
+                                 rng=rng)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    return losses.preference_loss(flat(scores), flat(batch["label"]), margin,
+                                  flat(batch["weight"]) if "weight" in batch else None,
+                                  flat(batch["block_mask"]))
   return loss_fn
 
 
@@ -143,6 +157,26 @@ def load_data(config, workdir, tok):
   return train_prefs, eval_prefs, train_arrays, eval_arrays
 
 
+def train_batches(config, train_arrays: dict, model, mesh):
+  """The train step's loss, `batch_at(step)` and the share of the padded step's token slots it
+  runs: packed rows (reward.pack) or padded ones, over the same examples in the same order."""
+  reward_cfg, train_cfg = config.reward, config.reward.train
+  if not reward_cfg.pack:
+    return reward_loss_fn(model, reward_cfg.margin), lambda s: batching.batch_at(
+        train_arrays, s, train_cfg.batch_size, config.seed), 1.0
+  _, num_seqs, length = train_arrays["tokens"].shape
+  plan = packing.plan(train_arrays, train_cfg.steps, train_cfg.batch_size, config.seed,
+                      reward_cfg.pack_row_len or num_seqs * length, train_cfg.accum_steps,
+                      sharding_lib.batch_divisor(mesh))
+  share = packing.token_share(train_arrays, plan, train_cfg.batch_size)
+  print(f"[reward] packed: {plan.rows} rows x {plan.row_len} tokens a step (at most "
+        f"{plan.blocks_per_row} examples a row) in place of {train_cfg.batch_size * num_seqs} x "
+        f"{length}: {share:.0%} of the token slots", flush=True)
+  n = len(train_arrays["label"])
+  return packed_reward_loss_fn(model, reward_cfg.margin), lambda s: packing.pack(
+      train_arrays, batching.batch_rows(n, s, train_cfg.batch_size, config.seed), plan), share
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   reward_cfg = config.reward
   tok = common.load_tokenizer(config)
@@ -183,12 +217,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
       common.write_json(best_info_path, best)
     return metrics
 
+  loss_fn, batch_at, token_share = train_batches(config, train_arrays, model, mesh)
   result = train_lib.fit(
       name="reward", workdir=stage_dir, train_cfg=reward_cfg.train,
       optim_cfg=common.optim_for(reward_cfg.optim, full_finetune),
-      seed=config.seed, mesh=mesh, loss_fn=reward_loss_fn(model, reward_cfg.margin),
-      trainable=trainable, frozen=frozen,
-      batch_at=lambda s: batching.batch_at(train_arrays, s, reward_cfg.train.batch_size, config.seed),
+      seed=config.seed, mesh=mesh, loss_fn=loss_fn, trainable=trainable, frozen=frozen,
+      batch_at=batch_at,
       eval_fn=eval_fn, meta={"stage": "reward", "model": config.model.to_dict(),
                              "lora": config.lora.to_dict()}, writer=writer,
       collapsed=_collapsed)
@@ -204,6 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
                   "rows_skipped": train_prefs.rows_skipped + eval_prefs.rows_skipped,
                   "train_loss": result["final_metrics"].get("loss"), "data_kind": train_prefs.kind,
                   "train_step_compilations": result["train_step_compilations"],
+                  "train_token_share": token_share,
                   "train_step_memory": result["step_memory"],
                   **report})
   print(f"[reward] eval accuracy {summary['eval_accuracy']:.3f} (best by {select_by}: "

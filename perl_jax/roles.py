@@ -7,6 +7,7 @@ stage the same entry points:
 
     token_logprobs(model, variables, tokens, input_mask, start)   log p of tokens[:, start:]
     sequence_scores(model, variables, tokens, input_mask)         score head at the last token
+    packed_scores(model, variables, packed)                       the same, packed (packing.py)
     token_values(model, variables, tokens, input_mask, start)     score head before each token
     sample_texts(model, variables, tok, prompts, config, rng)     jitted KV-cache sampling
 
@@ -26,6 +27,7 @@ from perl_jax import common
 from perl_jax import lora as lora_lib
 from perl_jax import logprobs as logprobs_lib
 from perl_jax import model as model_lib
+from perl_jax import packing
 from perl_jax import quant
 from perl_jax import sampling
 from perl_jax import sharding as sharding_lib
@@ -158,6 +160,19 @@ def sequence_scores(model: model_lib.Transformer, variables, tokens, input_mask,
   out = _forward(model, variables, flat_tokens, flat_mask, scores=True,
                  deterministic=deterministic, rng=rng, rows=model_lib.last_token_index(flat_mask))
   return out["scores"][:, 0].reshape(lead)
+
+
+def packed_scores(model: model_lib.Transformer, variables, packed: dict,
+                  deterministic: bool = True, rng=None):
+  """The score head at every sequence's last token in a packed batch (perl_jax.packing):
+  [R, M, K], equal to `sequence_scores` of the same sequences unpacked."""
+  out = model.apply(variables, packed["tokens"], packed["positions"],
+                    packing.attention_mask(packed["segment"], packed["branch"]), logits=False,
+                    scores=True, deterministic=deterministic,
+                    rngs=None if rng is None else {"dropout": rng})
+  index = packed["score_index"]
+  return jnp.take_along_axis(out["scores"], index.reshape(index.shape[0], -1),
+                             axis=1).reshape(index.shape)
 
 
 def token_values(model: model_lib.Transformer, variables, tokens, input_mask, start: int,

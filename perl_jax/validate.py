@@ -195,6 +195,8 @@ def _stages(p: _Problems, config, workdir: str) -> None:
              "'reward' before 'rl' (or finish it first in this workdir)")
     if stage == "reward":
       _reward_data(p, config, workdir, before)
+      p.need(config.reward.pack_row_len >= 0, "reward.pack_row_len",
+             f"{config.reward.pack_row_len} tokens: 0 (K x data.max_len) or a row length")
 
 
 def _rl(p: _Problems, rc, data_shards: int) -> None:

@@ -45,6 +45,7 @@ def _config(tmp_path, rank):
   c.reward.train.eval_every = c.reward.train.checkpoint_every = 20
   c.reward.optim.lr = 3e-3 if rank else 1e-3
   c.reward.optim.warmup_steps = 5
+  c.reward.pack = bool(rank)  # LoRA trains on packed rows, full tuning on padded ones
   return c
 
 
@@ -57,6 +58,8 @@ def test_reward_model_learns_preferences(tmp_path, rank):
   assert result["rows_skipped"] == 2  # the malformed row of each file, reported not dropped
   assert result["pairs_used"] == 512
   assert result["train_step_compilations"] == 1  # 40 steps, one compilation
+  assert (result["train_token_share"] < 0.8) if config.reward.pack else (
+      result["train_token_share"] == 1.0)
   step_memory = result["train_step_memory"]  # per device, from the compiled step
   assert step_memory["peak_bytes"] > step_memory["temp_bytes"] > 0
   for key in ("eval_loss", "trainable_params", "total_params", "steps", "step_time_s"):

@@ -61,13 +61,17 @@ def encode_sft(tok: Tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -
   return {"tokens": tokens, "input_mask": input_mask, "loss_mask": loss_mask.astype(bool)}
 
 
-def batch_at(arrays: dict, step: int, batch_size: int, seed: int) -> dict:
-  """The `step`-th batch of a shuffled pass over `arrays` (reshuffled every epoch)."""
-  n = len(next(iter(arrays.values())))
+def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Indices of the `step`-th batch of a shuffled pass over n rows (reshuffled every epoch)."""
   if n < batch_size:
     raise ValueError(f"dataset has {n} rows, fewer than the batch size {batch_size}")
   per_epoch = n // batch_size
   epoch, index = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(n)
-  rows = order[index * batch_size:(index + 1) * batch_size]
+  return order[index * batch_size:(index + 1) * batch_size]
+
+
+def batch_at(arrays: dict, step: int, batch_size: int, seed: int) -> dict:
+  """The `step`-th batch of a shuffled pass over `arrays` (reshuffled every epoch)."""
+  rows = batch_rows(len(next(iter(arrays.values()))), step, batch_size, seed)
   return {k: v[rows] for k, v in arrays.items()}

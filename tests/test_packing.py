@@ -1,0 +1,99 @@
+"""Packed reward batches (perl_jax/packing.py): the layout, and a packed train step equal to the
+padded one over the same examples (pairs sharing prompts, 0/1 labels with class weights,
+gradient accumulation, a model with sliding-window layers)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from perl_jax import lora as lora_lib
+from perl_jax import model as model_lib
+from perl_jax import packing
+from perl_jax import reward as reward_lib
+from perl_jax import train as train_lib
+from perl_jax.data import batching
+
+
+def _pairs(rng, n, length, vocab, num_seqs=2):
+  """Right-padded examples [n, num_seqs, length]: a shared prompt, then each sequence's own
+  tokens (some long enough to cross the tiny model's window of 4)."""
+  tokens = np.zeros((n, num_seqs, length), np.int32)
+  mask = np.zeros((n, num_seqs, length), bool)
+  for i in range(n):
+    prompt = rng.integers(3, vocab, rng.integers(1, length // 2))
+    for k in range(num_seqs):
+      own = rng.integers(3, vocab, rng.integers(1, length - len(prompt) + 1))
+      seq = np.concatenate([prompt, own])
+      tokens[i, k, :len(seq)], mask[i, k, :len(seq)] = seq, True
+  return tokens, mask
+
+
+def test_layout_and_mask_of_one_pair():
+  tokens = np.array([[[2, 5, 6, 7, 8, 0], [2, 5, 6, 9, 0, 0]]], np.int32)
+  arrays = {"tokens": tokens, "input_mask": tokens > 0, "label": np.ones(1, np.float32)}
+  plan = packing.plan(arrays, steps=1, batch_size=1, seed=0, row_len=8)
+  assert (plan.rows, plan.blocks_per_row) == (1, 1)
+  packed = packing.pack(arrays, np.array([0]), plan)
+  np.testing.assert_array_equal(packed["tokens"][0], [2, 5, 6, 7, 8, 9, 0, 0])
+  np.testing.assert_array_equal(packed["positions"][0], [0, 1, 2, 3, 4, 3, 0, 0])
+  np.testing.assert_array_equal(packed["branch"][0], [0, 0, 0, 1, 1, 2, 0, 0])
+  np.testing.assert_array_equal(packed["score_index"][0, 0], [4, 5])
+  mask = np.asarray(packing.attention_mask(packed["segment"], packed["branch"]))[0]
+  np.testing.assert_array_equal(mask[5], [1, 1, 1, 0, 0, 1, 0, 0])  # rejected: not chosen
+  np.testing.assert_array_equal(mask[4], [1, 1, 1, 1, 1, 0, 0, 0])
+  with pytest.raises(ValueError, match="pack_row_len=5 is shorter than training example 0"):
+    packing.plan(arrays, steps=1, batch_size=1, seed=0, row_len=5)
+
+
+def test_plan_fits_every_step():
+  rng = np.random.default_rng(0)
+  tokens, mask = _pairs(rng, 40, 12, 50)
+  arrays = {"tokens": tokens, "input_mask": mask, "label": np.ones(40, np.float32)}
+  plan = packing.plan(arrays, steps=25, batch_size=8, seed=3, row_len=24, accum_steps=2,
+                      row_multiple=2)
+  assert plan.rows_per_micro % 2 == 0
+  for step in range(25):  # every step packs into the planned shape, every example once
+    index = batching.batch_rows(40, step, 8, 3)
+    packed = packing.pack(arrays, index, plan)
+    assert packed["block_mask"].sum() == 8
+    assert (packed["segment"] > 0).sum() == packing.block_lengths(tokens[index],
+                                                                  mask[index]).sum()
+
+
+@pytest.mark.parametrize("kind,accum", [("pairwise", 2), ("pointwise", 1)])
+def test_packed_step_equals_padded_step(kind, accum):
+  cfg = model_lib.model_config("tiny-gemma3")  # local layers with a window of 4
+  model = model_lib.build(cfg, 4, lora_targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"))
+  variables = model_lib.init_variables(model, jax.random.key(0), score_head=True)
+  leaves, treedef = jax.tree.flatten(variables[lora_lib.ADAPTER])  # B and the head nonzero
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  variables[lora_lib.ADAPTER] = jax.tree.unflatten(
+      treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(2)
+  n, batch_size = 32, 16
+  tokens, mask = _pairs(rng, n, 14, cfg.vocab_size, num_seqs=2 if kind == "pairwise" else 1)
+  arrays = {"tokens": tokens, "input_mask": mask,
+            "label": (rng.random(n) < (1.0 if kind == "pairwise" else 0.7)).astype(np.float32)}
+  if kind == "pointwise":
+    arrays["weight"] = reward_lib.class_balancing_weights(arrays["label"])
+  plan = packing.plan(arrays, 2, batch_size, 0, row_len=2 * 14, accum_steps=accum)
+  assert plan.rows < batch_size
+  trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+           "opt_state": optax.sgd(1.0).init(trainable)}
+  index = batching.batch_rows(n, 1, batch_size, 0)
+  runs = {}
+  for name, loss_fn, batch in (
+      ("padded", reward_lib.reward_loss_fn(model, 0.0), batching.batch_at(arrays, 1,
+                                                                          batch_size, 0)),
+      ("packed", reward_lib.packed_reward_loss_fn(model, 0.0),
+       packing.pack(arrays, index, plan))):
+    step = jax.jit(train_lib.make_train_step(loss_fn, optax.sgd(1.0), accum))
+    runs[name] = step(state, frozen, jax.tree.map(jnp.asarray, batch), jax.random.key(3))
+  (padded_state, padded), (packed_state, packed) = runs["padded"], runs["packed"]
+  assert float(padded["grad_norm"]) > 1e-3
+  for key in ("loss", "accuracy", "reward_mean", "grad_norm"):
+    np.testing.assert_allclose(packed[key], padded[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               packed_state["trainable"], padded_state["trainable"])
