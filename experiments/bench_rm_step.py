@@ -45,11 +45,44 @@ _THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
                              "torch intra-op thread counts to time the peer at (0 = every core)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the weights and data")
 _MODEL = flags.DEFINE_string("model", "tiny", bc.MODEL_HELP)
+_HH_DIR = flags.DEFINE_string(
+    "hh_dir", "",
+    "real pairs instead of random tokens: Anthropic HH harmless-base from this folder (the "
+    "published layout, read by the `anthropic_hh` builder), in Gemma's chat format and cut to "
+    "--seq_len as the reward stage does (configs/paper/gemma3_270m.py:task=hh_rm; needs a "
+    "released --model). Both sides take the same pairs in the same order: TRL gets each "
+    "sequence's own tokens and pads each batch to its longest (its collator); perl_jax pads to "
+    "--seq_len, or packs with --pack")
+_PACK = flags.DEFINE_bool(
+    "pack", False, "perl_jax trains on packed rows (reward.pack, perl_jax/packing.py): each "
+    "pair's shared prompt once, no padding; the same loss")
+_CHUNK_ROWS = flags.DEFINE_integer("pack_chunk_rows", 4, "with --pack: reward.pack_chunk_rows")
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"],
     "compute dtype of both sides. bfloat16: the frozen backbone held and run in bf16 with f32 "
     "adapters and head on both: perl_jax model.dtype=bfloat16; transformers loads the model in "
     "bf16 and TRL runs with bf16=True (PEFT keeps the adapters in f32), the usual TRL recipe")
+
+
+def hh_pairs(checkpoint: str, hh_dir: str, length: int, count: int):
+  """tokens, input_mask [count, 2, length] of the first `count` HH harmless-base training pairs
+  as the gemma3_270m hh_rm reward stage encodes them."""
+  import importlib.util
+  from perl_jax import common
+  from perl_jax import reward as reward_lib
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "gemma3_270m", os.path.join(root, "configs", "paper", "gemma3_270m.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("task=hh_rm")
+  config.model.checkpoint, config.data.max_len = checkpoint, length
+  config.reward.data.manual_dir = hh_dir
+  with tempfile.TemporaryDirectory() as workdir:
+    _, _, arrays, _ = reward_lib.load_data(config, workdir, common.load_tokenizer(config))
+  if len(arrays["label"]) < count:
+    raise SystemExit(f"{hh_dir} holds {len(arrays['label'])} training pairs, fewer than {count}")
+  return arrays["tokens"][:count], arrays["input_mask"][:count]
 
 
 def main(argv):
@@ -65,6 +98,7 @@ def main(argv):
 
   from perl_jax import lora as lora_lib
   from perl_jax import model as model_lib
+  from perl_jax import packing
   from perl_jax import reward as reward_lib
   from perl_jax import roles
   from perl_jax import sharding as sharding_lib
@@ -80,6 +114,15 @@ def main(argv):
   rng = np.random.default_rng(_SEED.value)
   chosen = bc.random_tokens(rng, (pairs * steps, length), cfg.vocab_size)
   rejected = bc.random_tokens(rng, (pairs * steps, length), cfg.vocab_size)
+  tokens = np.stack([chosen, rejected], axis=1).astype(np.int32)  # [N, 2, L]
+  input_mask = np.ones(tokens.shape, bool)
+  if _HH_DIR.value:
+    if not hf_dir:
+      raise SystemExit("--hh_dir needs a released --model (its tokenizer)")
+    tokens, input_mask = hh_pairs(_MODEL.value, _HH_DIR.value, length, pairs * steps)
+  # TRL's rows: each sequence's own tokens (its collator pads a batch to the longest)
+  sequences = [[row[m].tolist() for row, m in zip(tokens[:, k], input_mask[:, k])]
+               for k in (0, 1)]
 
   def hf_reward_model(dtype=torch.float32):
     torch.manual_seed(_SEED.value)  # the score head's initial weights
@@ -126,19 +169,38 @@ def main(argv):
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": optimizer.init(trainable)}
   step_fn, state_shardings, frozen_shardings = train_lib.sharded_train_step(
-      train_lib.make_train_step(reward_lib.reward_loss_fn(model, 0.0), optimizer, 1),
+      train_lib.make_train_step(optimizer=optimizer, accum_steps=1, **step_fns),
       mesh, state, frozen)
   holder = {"state": jax.device_put(state, state_shardings)}
   frozen = jax.device_put(frozen, frozen_shardings)
-  tokens = np.stack([chosen, rejected], axis=1).astype(np.int32)  # [N, 2, L]
-  labels = np.ones((len(tokens),), np.float32)
+  arrays = {"tokens": tokens, "input_mask": input_mask,
+            "label": np.ones((len(tokens),), np.float32)}
   perl_losses = []
+  step_fns = {"loss_fn": reward_lib.reward_loss_fn(model, 0.0)}
+  if _PACK.value:  # one packed layout for every step's pairs, as the stage plans it
+    fits = [packing.first_fit(packing.block_lengths(tokens[i * pairs:(i + 1) * pairs],
+                                                    input_mask[i * pairs:(i + 1) * pairs]),
+                              2 * length) for i in range(steps)]
+    chunks = [-(-len(f) // _CHUNK_ROWS.value) for f in fits]
+    packed_share = sum(chunks) * _CHUNK_ROWS.value / (steps * pairs)
+    plan = packing.Plan(2 * length, _CHUNK_ROWS.value, max(chunks),
+                        max(max(map(len, f)) for f in fits), packed_share)
+    step_fns = {"loss_fn": None, "grads_fn": reward_lib.packed_reward_grads_fn(model, 0.0)}
+    print(f"packed: rows of {plan.row_len} tokens, {plan.chunk_rows} at a time, "
+          f"{packed_share:.0%} of the padded token slots", flush=True)
+  real_share = input_mask.sum() / input_mask.size
+  longest = [max(len(s[j]) for s in sequences for j in range(i * pairs, (i + 1) * pairs))
+             for i in range(steps)]
+
+  def perl_batch(rows):
+    if _PACK.value:
+      return packing.pack(arrays, np.arange(rows.start, rows.stop), plan)
+    return {k: v[rows] for k, v in arrays.items()}
 
   def perl_step(i):
     rows = slice((i % steps) * pairs, (i % steps + 1) * pairs)
     t0 = time.perf_counter()
-    batch = sharding_lib.put_batch({"tokens": tokens[rows], "input_mask": tokens[rows] > 0,
-                                    "label": labels[rows]}, mesh)
+    batch = sharding_lib.put_batch(perl_batch(rows), mesh)
     holder["state"], metrics = step_fn(holder["state"], frozen, batch, jax.random.key(i))
     metrics = jax.device_get(metrics)
     seconds = time.perf_counter() - t0
@@ -146,8 +208,8 @@ def main(argv):
     return seconds, {}
 
   # ------------------------------------------------------------------ TRL, paired with perl_jax
-  dataset = datasets.Dataset.from_dict({"chosen_ids": chosen.tolist(),
-                                        "rejected_ids": rejected.tolist()})
+  dataset = datasets.Dataset.from_dict({"chosen_ids": sequences[0],
+                                        "rejected_ids": sequences[1]})
   pair_list, notes = [], []
   for n in threads:
     bc.set_threads(n)
@@ -161,6 +223,8 @@ def main(argv):
           model=hf_reward_model(getattr(torch, _DTYPE.value)), args=args, train_dataset=dataset,
           processing_class=bc.id_tokenizer(cfg.vocab_size), peft_config=bc.lora_config("SEQ_CLS", _RANK.value),
           callbacks=[bc.paired_callback(peer, perl, perl_step, _WARMUP.value)])
+      # In order, as perl_jax takes them: step i of both sides trains on the same pairs.
+      trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
       trl_trainable_params = bc.count_trainable_torch(trainer.model)
       out = trainer.train()
     pair_list.append((perl, peer))
@@ -172,6 +236,13 @@ def main(argv):
       f"model: {_MODEL.value} ({lora_lib.count_params(frozen):,} frozen params, {_DTYPE.value}"
       f"{'; adapters and score head float32' if _DTYPE.value != 'float32' else ''})",
       f"max |score_hf - score_perl_jax| = {score_diff:.1e} (same weights and score head)",
+      (f"data: Anthropic HH harmless-base pairs, chat-formatted, cut to {length} tokens "
+       f"({real_share:.0%} of the padded slots are real tokens; TRL pads each batch to its "
+       f"longest, median {int(np.median(longest))}); perl_jax "
+       + (f"packed: rows of {plan.row_len}, {plan.chunk_rows} at a time ({packed_share:.0%} of "
+          "the padded slots)"
+          if _PACK.value else "padded to the length") if _HH_DIR.value else
+       "data: random tokens, no padding" + (" (perl_jax packed)" if _PACK.value else "")),
       f"batch {pairs} pairs x {length} tokens = {2 * pairs} sequences; LoRA rank {_RANK.value} on "
       f"q/k/v/o; trainable params: perl_jax {perl_trainable_params:,} (LoRA + head kernel and "
       f"bias), TRL/PEFT {trl_trainable_params:,} (LoRA + score head copy)",

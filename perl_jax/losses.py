@@ -15,6 +15,15 @@ _MAX_LOG_RATIO = 20.0  # exp(20) is finite in bf16 and f32; larger log-ratios ar
 # ----------------------------------------------------------------------------- reward models
 
 
+def preference_terms(scores, labels, margin: float = 0.0):
+  """Each example's loss [B] (what preference_loss averages): from scores [B, 2]
+  -log sigmoid(r_chosen - r_rejected - margin), from scores [B, 1] the BCE of the 0/1 label."""
+  scores = scores.astype(jnp.float32)
+  if scores.shape[1] == 2:
+    return jax.nn.softplus(-(scores[:, 0] - scores[:, 1] - margin))
+  return optax.sigmoid_binary_cross_entropy(scores[:, 0], labels)
+
+
 def preference_loss(scores, labels, margin: float = 0.0, weights=None, mask=None):
   """Loss and metrics from scores [B, 2] (pairwise: chosen, rejected) or [B, 1] (pointwise).
 

@@ -10,9 +10,13 @@ tokens, at exactly the positions, it sees alone: the scores, the loss and its gr
 unpacked ones (tests/test_packing.py) while the prefix runs once and padding is mostly gone.
 Pointwise data (one sequence per example) loses its padding only.
 
-Shapes are static: `plan` goes through every step of a run and sizes the batch for the step
-that needs the most rows, so the train step compiles once. Each gradient-accumulation
-micro-batch is packed on its own, so it holds the examples its unpacked twin holds.
+How many rows a step's examples fill varies from step to step. Shapes stay static and the
+step compiles once: the rows are laid out as [chunk_rows, max_chunks, ...] (chunk c is
+[:, c], so each chunk splits over the data-parallel devices like a batch), and the step runs
+only the chunks that hold rows (`chunk_count`), accumulating their gradients
+(reward.packed_reward_grads_fn). Each example carries the weight that makes the sum over
+chunks the padded step's loss, gradient accumulation (accum_steps micro-batches, each its own
+mean) included.
 """
 from __future__ import annotations
 
@@ -27,13 +31,14 @@ from perl_jax.data import batching
 @dataclasses.dataclass(frozen=True)
 class Plan:
   row_len: int  # tokens per packed row
-  rows_per_micro: int  # packed rows per micro-batch (a multiple of the data-parallel devices)
+  chunk_rows: int  # rows per chunk (a multiple of the data-parallel devices)
+  max_chunks: int  # chunks the step with the most rows needs
   blocks_per_row: int  # most examples any row holds
-  accum_steps: int
+  token_share: float  # token slots the planned steps run, as a share of the padded steps'
 
   @property
   def rows(self) -> int:
-    return self.rows_per_micro * self.accum_steps
+    return self.chunk_rows * self.max_chunks
 
 
 def shared_blocks(tokens: np.ndarray, input_mask: np.ndarray):
@@ -70,76 +75,84 @@ def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
 
 
 def plan(arrays: dict, steps: int, batch_size: int, seed: int, row_len: int,
-         accum_steps: int = 1, row_multiple: int = 1) -> Plan:
-  """The packed shape that fits every step 0..steps-1 of `batching.batch_rows` over `arrays`
-  ({"tokens", "input_mask"} [N, K, L]); rows per micro-batch rounded up to `row_multiple`."""
+         chunk_rows: int, row_multiple: int = 1) -> Plan:
+  """The packed layout that fits every step 0..steps-1 of `batching.batch_rows` over `arrays`
+  ({"tokens", "input_mask"} [N, K, L]); chunk_rows rounded up to `row_multiple`."""
   lengths = block_lengths(arrays["tokens"], arrays["input_mask"])
   if lengths.max() > row_len:
     i = int(np.argmax(lengths))
     raise ValueError(f"reward.pack_row_len={row_len} is shorter than training example {i}, "
                      f"which takes {int(lengths[i])} tokens packed: raise it (0 = K x max_len "
                      f"always fits)")
-  if batch_size % accum_steps:
-    raise ValueError(f"batch size {batch_size} is not divisible by accum_steps {accum_steps}")
-  micro, rows, blocks = batch_size // accum_steps, 1, 1
+  chunk_rows = -(-chunk_rows // row_multiple) * row_multiple
+  chunks, blocks, run = 1, 1, 0
   for step in range(steps):
-    index = batching.batch_rows(len(lengths), step, batch_size, seed)
-    for j in range(accum_steps):
-      packed = first_fit(lengths[index[j * micro:(j + 1) * micro]], row_len)
-      rows, blocks = max(rows, len(packed)), max(blocks, max(map(len, packed)))
-  return Plan(row_len, -(-rows // row_multiple) * row_multiple, blocks, accum_steps)
+    packed = first_fit(lengths[batching.batch_rows(len(lengths), step, batch_size, seed)],
+                       row_len)
+    needed = -(-len(packed) // chunk_rows)
+    chunks, blocks, run = max(chunks, needed), max(blocks, max(map(len, packed))), run + needed
+  _, num_seqs, length = arrays["tokens"].shape
+  share = run * chunk_rows * row_len / max(steps * batch_size * num_seqs * length, 1)
+  return Plan(row_len, chunk_rows, chunks, blocks, share)
 
 
-def pack(arrays: dict, index: np.ndarray, plan_: Plan) -> dict:
-  """The examples arrays[index] as one packed batch of plan_.rows rows:
+def example_weights(arrays: dict, index: np.ndarray, accum_steps: int) -> np.ndarray:
+  """Each example's share of the padded step's loss: within each of the accum_steps
+  micro-batches its weight (arrays["weight"], else 1) over the micro-batch's total, over
+  accum_steps (the padded step averages the micro-batches' means)."""
+  weight = (arrays["weight"][index] if "weight" in arrays
+            else np.ones(len(index), np.float32)).astype(np.float64)
+  if len(index) % accum_steps:
+    raise ValueError(f"batch of {len(index)} is not divisible by accum_steps {accum_steps}")
+  micro = weight.reshape(accum_steps, -1)
+  return (micro / np.maximum(micro.sum(1, keepdims=True), 1e-12) / accum_steps).reshape(-1)
+
+
+def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> dict:
+  """The examples arrays[index] as one packed batch, rows laid out [chunk_rows, max_chunks]:
   tokens, positions, segment (block number from 1; 0 = padding), branch (0 = shared prefix,
-  k + 1 = sequence k's suffix) [R, row_len]; score_index [R, M, K] (each sequence's last token);
-  block_mask, label (and weight when arrays has one) [R, M], M = plan_.blocks_per_row."""
+  k + 1 = sequence k's suffix) [r, C, row_len]; score_index [r, C, M, K] (each sequence's last
+  token); block_mask, label, weight (see example_weights) [r, C, M]; chunk_count [r] (chunks
+  holding rows, the same in every row)."""
   tokens, input_mask = arrays["tokens"][index], arrays["input_mask"][index]
   prefix, suffix = shared_blocks(tokens, input_mask)
-  lengths = prefix + suffix.sum(1)
-  num_seqs, shape = tokens.shape[1], (plan_.rows, plan_.row_len)
-  out = {"tokens": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
-         "segment": np.zeros(shape, np.int32), "branch": np.zeros(shape, np.int32),
-         "score_index": np.zeros((plan_.rows, plan_.blocks_per_row, num_seqs), np.int32),
-         "block_mask": np.zeros((plan_.rows, plan_.blocks_per_row), bool),
-         "label": np.zeros((plan_.rows, plan_.blocks_per_row), np.float32)}
-  if "weight" in arrays:
-    out["weight"] = np.zeros((plan_.rows, plan_.blocks_per_row), np.float32)
-  micro = len(index) // plan_.accum_steps
-  for j in range(plan_.accum_steps):
-    packed = first_fit(lengths[j * micro:(j + 1) * micro], plan_.row_len)
-    if len(packed) > plan_.rows_per_micro or max(map(len, packed)) > plan_.blocks_per_row:
-      raise ValueError(f"these examples need {len(packed)} packed rows, more than the plan's "
-                       f"{plan_.rows_per_micro}: plan() was made for other data or steps")
-    for r, members in enumerate(packed):
-      row, at = j * plan_.rows_per_micro + r, 0
-      for b, member in enumerate(members):
-        e = j * micro + member
-        p = prefix[e]
-        put = lambda start, seq, lo, hi, branch: _put(out, row, start, tokens[e, seq, lo:hi],
-                                                      np.arange(lo, hi), b + 1, branch)
-        put(at, 0, 0, p, 0)
-        end = at + p
-        for k in range(num_seqs):
-          s = suffix[e, k]
-          put(end, k, p, p + s, k + 1)
-          out["score_index"][row, b, k] = end + s - 1 if s else at + p - 1
-          end += s
-        out["block_mask"][row, b] = True
-        out["label"][row, b] = arrays["label"][index[e]]
-        if "weight" in arrays:
-          out["weight"][row, b] = arrays["weight"][index[e]]
-        at = end
+  packed = first_fit(prefix + suffix.sum(1), plan_.row_len)
+  if len(packed) > plan_.rows or max(map(len, packed)) > plan_.blocks_per_row:
+    raise ValueError(f"these examples need {len(packed)} packed rows, more than the plan's "
+                     f"{plan_.rows}: plan() was made for other data or steps")
+  weight = example_weights(arrays, index, accum_steps)
+  num_seqs, r, c, m = tokens.shape[1], plan_.chunk_rows, plan_.max_chunks, plan_.blocks_per_row
+  out = {"tokens": np.zeros((r, c, plan_.row_len), np.int32),
+         "score_index": np.zeros((r, c, m, num_seqs), np.int32),
+         "block_mask": np.zeros((r, c, m), bool), "label": np.zeros((r, c, m), np.float32),
+         "weight": np.zeros((r, c, m), np.float32),
+         "chunk_count": np.full((r,), -(-len(packed) // r), np.int32)}
+  for name in ("positions", "segment", "branch"):
+    out[name] = np.zeros_like(out["tokens"])
+  for j, members in enumerate(packed):
+    at, slot = 0, (j % r, j // r)
+    for b, e in enumerate(members):
+      p = prefix[e]
+      _put(out, slot, at, tokens[e, 0, :p], np.arange(p), b + 1, 0)
+      end = at + p
+      for k in range(num_seqs):
+        s = suffix[e, k]
+        _put(out, slot, end, tokens[e, k, p:p + s], np.arange(p, p + s), b + 1, k + 1)
+        out["score_index"][slot + (b, k)] = end + s - 1 if s else at + p - 1
+        end += s
+      out["block_mask"][slot + (b,)] = True
+      out["label"][slot + (b,)] = arrays["label"][index[e]]
+      out["weight"][slot + (b,)] = weight[e]
+      at = end
   return out
 
 
-def _put(out, row, start, tokens, positions, segment, branch):
-  stop = start + len(tokens)
-  out["tokens"][row, start:stop] = tokens
-  out["positions"][row, start:stop] = positions
-  out["segment"][row, start:stop] = segment
-  out["branch"][row, start:stop] = branch
+def _put(out, slot, start, tokens, positions, segment, branch):
+  where = slot + (slice(start, start + len(tokens)),)
+  out["tokens"][where] = tokens
+  out["positions"][where] = positions
+  out["segment"][where] = segment
+  out["branch"][where] = branch
 
 
 def attention_mask(segment, branch):
@@ -150,9 +163,3 @@ def attention_mask(segment, branch):
   same_block = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] > 0)
   visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
   return causal & same_block & visible
-
-
-def token_share(arrays: dict, plan_: Plan, batch_size: int) -> float:
-  """Token slots a packed step runs, as a share of the unpacked step's."""
-  _, num_seqs, length = arrays["tokens"].shape
-  return plan_.rows * plan_.row_len / (batch_size * num_seqs * length)

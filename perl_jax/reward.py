@@ -57,16 +57,41 @@ def reward_loss_fn(model, margin: float):
   return loss_fn
 
 
-def packed_reward_loss_fn(model, margin: float):
-  """reward_loss_fn on a packed batch (perl_jax.packing): the same loss, fewer tokens run."""
-  def loss_fn(trainable, frozen, batch, rng):
-    scores = roles.packed_scores(model, {**frozen, **trainable}, batch, deterministic=False,
+def packed_reward_grads_fn(model, margin: float):
+  """The reward step's loss, metrics and gradients on a packed batch (perl_jax.packing): its
+  chunks that hold rows, one at a time (a while loop: the row count varies by step, the shapes
+  do not), each adding its examples' weighted losses and their gradients. The padded step's
+  loss and gradients, micro-batches included (tests/test_packing.py)."""
+  def chunk_loss(trainable, frozen, chunk, rng):
+    scores = roles.packed_scores(model, {**frozen, **trainable}, chunk, deterministic=False,
                                  rng=rng)
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    return losses.preference_loss(flat(scores), flat(batch["label"]), margin,
-                                  flat(batch["weight"]) if "weight" in batch else None,
-                                  flat(batch["block_mask"]))
-  return loss_fn
+    terms = losses.preference_terms(scores.reshape(-1, scores.shape[-1]),
+                                    chunk["label"].reshape(-1), margin)
+    return jnp.sum(terms * chunk["weight"].reshape(-1)), scores
+
+  chunk_grads = jax.value_and_grad(chunk_loss, has_aux=True)
+
+  def grads_fn(trainable, frozen, batch, rng):
+    rows = {k: v for k, v in batch.items() if k != "chunk_count"}  # [r, C, ...]
+
+    def body(c, carry):
+      loss, grads, scores = carry
+      chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, c, 1, keepdims=False),
+                           rows)
+      (chunk_sum, chunk_scores), g = chunk_grads(trainable, frozen, chunk,
+                                                 jax.random.fold_in(rng, c))
+      return (loss + chunk_sum, jax.tree.map(jnp.add, grads, g),
+              jax.lax.dynamic_update_index_in_dim(scores, chunk_scores, c, 1))
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    scores = jnp.zeros(batch["score_index"].shape, jnp.float32)
+    loss, grads, scores = jax.lax.fori_loop(0, batch["chunk_count"][0], body,
+                                            (jnp.zeros((), jnp.float32), zeros, scores))
+    flat = lambda x: x.reshape((-1,) + x.shape[3:])
+    _, metrics = losses.preference_loss(flat(scores), flat(batch["label"]), margin,
+                                        mask=flat(batch["block_mask"]))
+    return (loss, metrics), grads
+  return grads_fn
 
 
 def class_balancing_weights(labels: np.ndarray) -> np.ndarray:
@@ -158,23 +183,27 @@ def load_data(config, workdir, tok):
 
 
 def train_batches(config, train_arrays: dict, model, mesh):
-  """The train step's loss, `batch_at(step)` and the share of the padded step's token slots it
-  runs: packed rows (reward.pack) or padded ones, over the same examples in the same order."""
+  """How the reward step trains: {"loss_fn" or "grads_fn", "batch_at"} for train.fit and the
+  share of the padded step's token slots it runs; packed rows (reward.pack) or padded ones,
+  over the same examples in the same order."""
   reward_cfg, train_cfg = config.reward, config.reward.train
   if not reward_cfg.pack:
-    return reward_loss_fn(model, reward_cfg.margin), lambda s: batching.batch_at(
-        train_arrays, s, train_cfg.batch_size, config.seed), 1.0
+    return {"loss_fn": reward_loss_fn(model, reward_cfg.margin),
+            "batch_at": lambda s: batching.batch_at(train_arrays, s, train_cfg.batch_size,
+                                                    config.seed)}, 1.0
   _, num_seqs, length = train_arrays["tokens"].shape
   plan = packing.plan(train_arrays, train_cfg.steps, train_cfg.batch_size, config.seed,
-                      reward_cfg.pack_row_len or num_seqs * length, train_cfg.accum_steps,
+                      reward_cfg.pack_row_len or num_seqs * length, reward_cfg.pack_chunk_rows,
                       sharding_lib.batch_divisor(mesh))
-  share = packing.token_share(train_arrays, plan, train_cfg.batch_size)
-  print(f"[reward] packed: {plan.rows} rows x {plan.row_len} tokens a step (at most "
-        f"{plan.blocks_per_row} examples a row) in place of {train_cfg.batch_size * num_seqs} x "
-        f"{length}: {share:.0%} of the token slots", flush=True)
+  print(f"[reward] packed: rows of {plan.row_len} tokens (at most {plan.blocks_per_row} "
+        f"examples each), run {plan.chunk_rows} at a time, up to {plan.rows} a step, in place "
+        f"of {train_cfg.batch_size * num_seqs} rows of {length}: {plan.token_share:.0%} of the "
+        f"token slots over the {train_cfg.steps} steps", flush=True)
   n = len(train_arrays["label"])
-  return packed_reward_loss_fn(model, reward_cfg.margin), lambda s: packing.pack(
-      train_arrays, batching.batch_rows(n, s, train_cfg.batch_size, config.seed), plan), share
+  return {"loss_fn": None, "grads_fn": packed_reward_grads_fn(model, reward_cfg.margin),
+          "batch_at": lambda s: packing.pack(
+              train_arrays, batching.batch_rows(n, s, train_cfg.batch_size, config.seed), plan,
+              train_cfg.accum_steps)}, plan.token_share
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
@@ -217,12 +246,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
       common.write_json(best_info_path, best)
     return metrics
 
-  loss_fn, batch_at, token_share = train_batches(config, train_arrays, model, mesh)
+  step_fns, token_share = train_batches(config, train_arrays, model, mesh)
   result = train_lib.fit(
       name="reward", workdir=stage_dir, train_cfg=reward_cfg.train,
       optim_cfg=common.optim_for(reward_cfg.optim, full_finetune),
-      seed=config.seed, mesh=mesh, loss_fn=loss_fn, trainable=trainable, frozen=frozen,
-      batch_at=batch_at,
+      seed=config.seed, mesh=mesh, trainable=trainable, frozen=frozen, **step_fns,
       eval_fn=eval_fn, meta={"stage": "reward", "model": config.model.to_dict(),
                              "lora": config.lora.to_dict()}, writer=writer,
       collapsed=_collapsed)

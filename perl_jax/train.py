@@ -27,6 +27,9 @@ from perl_jax import identity as identity_lib
 from perl_jax import sharding as sharding_lib
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# (trainable, frozen, batch, rng) -> ((loss, metrics), grads): a step that accumulates its
+# gradients its own way (perl_jax.reward.packed_reward_grads_fn) in place of a LossFn.
+GradsFn = Callable[[Any, Any, dict, jax.Array], tuple[tuple[jax.Array, dict], Any]]
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict,
@@ -60,12 +63,16 @@ def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformat
   return optax.GradientTransformation(lambda params: inner.init(f32(params)), update)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int,
-                    updates_per_batch: int = 1):
+def make_train_step(loss_fn: LossFn | None, optimizer: optax.GradientTransformation,
+                    accum_steps: int, updates_per_batch: int = 1,
+                    grads_fn: GradsFn | None = None):
   """`updates_per_batch` optimizer updates (e.g. PPO epochs) on one batch, each over the batch
-  split into `accum_steps` micro-batches (pure)."""
+  split into `accum_steps` micro-batches (pure); with `grads_fn`, it gives each update's loss,
+  metrics and gradients instead (loss_fn and accum_steps unused)."""
 
   def grads_of(trainable, frozen, batch, rng):
+    if grads_fn is not None:
+      return grads_fn(trainable, frozen, batch, rng)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
       return grad_fn(trainable, frozen, batch, rng)
@@ -335,7 +342,8 @@ def _evaluate(name: str, eval_fn, trainable, done: int, writer) -> dict:
   return {f"eval_{k}": float(v) for k, v in eval_metrics.items()}
 
 
-def _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn, trainable, frozen, meta):
+def _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn, trainable, frozen, meta,
+           grads_fn=None):
   """The jitted step, the state (restored from the latest checkpoint if any) and the frozen
   leaves on their shardings, the checkpointer, and the meta each checkpoint records."""
   os.makedirs(workdir, exist_ok=True)
@@ -343,7 +351,8 @@ def _start(name, workdir, tcfg, optim_cfg, mesh, loss_fn, trainable, frozen, met
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": optimizer.init(trainable)}
   step_fn, state_shardings, frozen_shardings = sharded_train_step(
-      make_train_step(loss_fn, optimizer, tcfg.accum_steps, tcfg.get("updates_per_batch", 1)),
+      make_train_step(loss_fn, optimizer, tcfg.accum_steps, tcfg.get("updates_per_batch", 1),
+                      grads_fn),
       mesh, state, frozen)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
   recorded = identity_lib.read(workdir)
@@ -362,15 +371,17 @@ def fit(*, name: str, workdir: str, train_cfg: ml_collections.ConfigDict,
         batch_uses_state: bool = False,
         eval_fn: Callable[[Any], dict] | None = None, meta: dict | None = None,
         writer: Writer | None = None,
-        collapsed: Callable[[dict], bool] | None = None) -> dict:
+        collapsed: Callable[[dict], bool] | None = None,
+        grads_fn: GradsFn | None = None) -> dict:
   """Trains `trainable` (donated: use the returned state) for train.steps optimizer steps.
 
   `batch_at(step)` gives the step's batch (`batch_at(step, trainable)` with batch_uses_state: RL
   rollouts). Resumes from the latest checkpoint in `workdir/checkpoints` with the batches and
-  random numbers of an uninterrupted run; stops with errors.TrainingStopped as StopGuard says."""
+  random numbers of an uninterrupted run; stops with errors.TrainingStopped as StopGuard says.
+  `grads_fn` (see make_train_step) replaces loss_fn where given."""
   tcfg = train_cfg
   step_fn, state, frozen, ckpt, meta, saved = _start(name, workdir, tcfg, optim_cfg, mesh,
-                                                     loss_fn, trainable, frozen, meta)
+                                                     loss_fn, trainable, frozen, meta, grads_fn)
   start, base_rng = int(state["step"]), jax.random.key(seed)
   own_writer, writer = writer is None, writer or Writer(workdir)
   if dropped := writer.resume(f"{name}/", start):

@@ -197,6 +197,8 @@ def _stages(p: _Problems, config, workdir: str) -> None:
       _reward_data(p, config, workdir, before)
       p.need(config.reward.pack_row_len >= 0, "reward.pack_row_len",
              f"{config.reward.pack_row_len} tokens: 0 (K x data.max_len) or a row length")
+      p.need(config.reward.pack_chunk_rows >= 1, "reward.pack_chunk_rows",
+             f"{config.reward.pack_chunk_rows}: at least 1 row at a time")
 
 
 def _rl(p: _Problems, rc, data_shards: int) -> None:

@@ -1,6 +1,7 @@
 """Packed reward batches (perl_jax/packing.py): the layout, and a packed train step equal to the
 padded one over the same examples (pairs sharing prompts, 0/1 labels with class weights,
-gradient accumulation, a model with sliding-window layers)."""
+gradient accumulation, a model with sliding-window layers, steps filling fewer chunks than the
+largest)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +33,10 @@ def _pairs(rng, n, length, vocab, num_seqs=2):
 def test_layout_and_mask_of_one_pair():
   tokens = np.array([[[2, 5, 6, 7, 8, 0], [2, 5, 6, 9, 0, 0]]], np.int32)
   arrays = {"tokens": tokens, "input_mask": tokens > 0, "label": np.ones(1, np.float32)}
-  plan = packing.plan(arrays, steps=1, batch_size=1, seed=0, row_len=8)
-  assert (plan.rows, plan.blocks_per_row) == (1, 1)
-  packed = packing.pack(arrays, np.array([0]), plan)
+  plan = packing.plan(arrays, steps=1, batch_size=1, seed=0, row_len=8, chunk_rows=1)
+  assert (plan.rows, plan.blocks_per_row, plan.token_share) == (1, 1, 8 / 12)
+  packed = {k: v[:, 0] for k, v in packing.pack(arrays, np.array([0]), plan).items()
+            if k != "chunk_count"}  # the one chunk
   np.testing.assert_array_equal(packed["tokens"][0], [2, 5, 6, 7, 8, 9, 0, 0])
   np.testing.assert_array_equal(packed["positions"][0], [0, 1, 2, 3, 4, 3, 0, 0])
   np.testing.assert_array_equal(packed["branch"][0], [0, 0, 0, 1, 1, 2, 0, 0])
@@ -43,25 +45,31 @@ def test_layout_and_mask_of_one_pair():
   np.testing.assert_array_equal(mask[5], [1, 1, 1, 0, 0, 1, 0, 0])  # rejected: not chosen
   np.testing.assert_array_equal(mask[4], [1, 1, 1, 1, 1, 0, 0, 0])
   with pytest.raises(ValueError, match="pack_row_len=5 is shorter than training example 0"):
-    packing.plan(arrays, steps=1, batch_size=1, seed=0, row_len=5)
+    packing.plan(arrays, steps=1, batch_size=1, seed=0, row_len=5, chunk_rows=1)
 
 
 def test_plan_fits_every_step():
   rng = np.random.default_rng(0)
   tokens, mask = _pairs(rng, 40, 12, 50)
   arrays = {"tokens": tokens, "input_mask": mask, "label": np.ones(40, np.float32)}
-  plan = packing.plan(arrays, steps=25, batch_size=8, seed=3, row_len=24, accum_steps=2,
+  plan = packing.plan(arrays, steps=25, batch_size=8, seed=3, row_len=24, chunk_rows=1,
                       row_multiple=2)
-  assert plan.rows_per_micro % 2 == 0
+  assert plan.chunk_rows == 2
+  counts = set()
   for step in range(25):  # every step packs into the planned shape, every example once
     index = batching.batch_rows(40, step, 8, 3)
-    packed = packing.pack(arrays, index, plan)
+    packed = packing.pack(arrays, index, plan, accum_steps=2)
     assert packed["block_mask"].sum() == 8
+    np.testing.assert_allclose(packed["weight"].sum(), 1.0, rtol=1e-6)
+    count = packed["chunk_count"][0]
+    counts.add(int(count))
+    assert not packed["block_mask"][:, count:].any() and packed["block_mask"][:, count - 1].any()
     assert (packed["segment"] > 0).sum() == packing.block_lengths(tokens[index],
                                                                   mask[index]).sum()
+  assert max(counts) == plan.max_chunks and len(counts) > 1
 
 
-@pytest.mark.parametrize("kind,accum", [("pairwise", 2), ("pointwise", 1)])
+@pytest.mark.parametrize("kind,accum", [("pairwise", 1), ("pointwise", 2)])
 def test_packed_step_equals_padded_step(kind, accum):
   cfg = model_lib.model_config("tiny-gemma3")  # local layers with a window of 4
   model = model_lib.build(cfg, 4, lora_targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"))
@@ -77,20 +85,23 @@ def test_packed_step_equals_padded_step(kind, accum):
             "label": (rng.random(n) < (1.0 if kind == "pairwise" else 0.7)).astype(np.float32)}
   if kind == "pointwise":
     arrays["weight"] = reward_lib.class_balancing_weights(arrays["label"])
-  plan = packing.plan(arrays, 2, batch_size, 0, row_len=2 * 14, accum_steps=accum)
-  assert plan.rows < batch_size
+  plan = packing.plan(arrays, 8, batch_size, 0, row_len=tokens.shape[1] * 14, chunk_rows=1)
+  step = min(range(8), key=lambda s: packing.pack(arrays, batching.batch_rows(
+      n, s, batch_size, 0), plan)["chunk_count"][0])
+  packed_batch = packing.pack(arrays, batching.batch_rows(n, step, batch_size, 0), plan, accum)
+  assert packed_batch["chunk_count"][0] < plan.max_chunks  # this step runs fewer chunks
   trainable, frozen = lora_lib.split_variables(variables, full_finetune=False)
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": optax.sgd(1.0).init(trainable)}
-  index = batching.batch_rows(n, 1, batch_size, 0)
   runs = {}
-  for name, loss_fn, batch in (
-      ("padded", reward_lib.reward_loss_fn(model, 0.0), batching.batch_at(arrays, 1,
-                                                                          batch_size, 0)),
-      ("packed", reward_lib.packed_reward_loss_fn(model, 0.0),
-       packing.pack(arrays, index, plan))):
-    step = jax.jit(train_lib.make_train_step(loss_fn, optax.sgd(1.0), accum))
-    runs[name] = step(state, frozen, jax.tree.map(jnp.asarray, batch), jax.random.key(3))
+  for name, step_fns, batch in (
+      ("padded", {"loss_fn": reward_lib.reward_loss_fn(model, 0.0)},
+       batching.batch_at(arrays, step, batch_size, 0)),
+      ("packed", {"loss_fn": None, "grads_fn": reward_lib.packed_reward_grads_fn(model, 0.0)},
+       packed_batch)):
+    train_step = jax.jit(train_lib.make_train_step(optimizer=optax.sgd(1.0), accum_steps=accum,
+                                                   **step_fns))
+    runs[name] = train_step(state, frozen, jax.tree.map(jnp.asarray, batch), jax.random.key(3))
   (padded_state, padded), (packed_state, packed) = runs["padded"], runs["packed"]
   assert float(padded["grad_norm"]) > 1e-3
   for key in ("loss", "accuracy", "reward_mean", "grad_norm"):
