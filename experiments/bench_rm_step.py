@@ -168,11 +168,6 @@ def main(argv):
   mesh = sharding_lib.make_mesh()
   state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
            "opt_state": optimizer.init(trainable)}
-  step_fn, state_shardings, frozen_shardings = train_lib.sharded_train_step(
-      train_lib.make_train_step(optimizer=optimizer, accum_steps=1, **step_fns),
-      mesh, state, frozen)
-  holder = {"state": jax.device_put(state, state_shardings)}
-  frozen = jax.device_put(frozen, frozen_shardings)
   arrays = {"tokens": tokens, "input_mask": input_mask,
             "label": np.ones((len(tokens),), np.float32)}
   perl_losses = []
@@ -188,6 +183,11 @@ def main(argv):
     step_fns = {"loss_fn": None, "grads_fn": reward_lib.packed_reward_grads_fn(model, 0.0)}
     print(f"packed: rows of {plan.row_len} tokens, {plan.chunk_rows} at a time, "
           f"{packed_share:.0%} of the padded token slots", flush=True)
+  step_fn, state_shardings, frozen_shardings = train_lib.sharded_train_step(
+      train_lib.make_train_step(optimizer=optimizer, accum_steps=1, **step_fns),
+      mesh, state, frozen)
+  holder = {"state": jax.device_put(state, state_shardings)}
+  frozen = jax.device_put(frozen, frozen_shardings)
   real_share = input_mask.sum() / input_mask.size
   longest = [max(len(s[j]) for s in sequences for j in range(i * pairs, (i + 1) * pairs))
              for i in range(steps)]
