@@ -38,6 +38,8 @@ SAFE = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.stop_if_stuck", "model.remat", "model.remat_policy",
         "model.logprob_chunk_tokens", "model.logprob_vocab_tile", "model.attention_chunk",
         "model.mlp_chunk", "reward.eval_batch_size",
+        # Packed or padded reward rows: the same loss over the same examples (packing.py).
+        "reward.pack", "reward.pack_row_len", "reward.pack_chunk_rows",
         "data.allow_partial", "reward.data.allow_partial", "reward.data.data_dir",
         # Paths whose content is fingerprinted (data, backbone): moving the files is no change.
         "data.manual_dir", "reward.data.manual_dir", "model.checkpoint", "model.backbone")

@@ -21,6 +21,7 @@ mean) included.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -74,26 +75,32 @@ def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def plan(arrays: dict, steps: int, batch_size: int, seed: int, row_len: int,
-         chunk_rows: int, row_multiple: int = 1) -> Plan:
-  """The packed layout that fits every step 0..steps-1 of `batching.batch_rows` over `arrays`
-  ({"tokens", "input_mask"} [N, K, L]); chunk_rows rounded up to `row_multiple`."""
+def plan(arrays: dict, batches: Sequence[np.ndarray], row_len: int, chunk_rows: int,
+         row_multiple: int = 1) -> Plan:
+  """The packed layout that fits each of `batches` (index arrays into `arrays`, whose
+  "tokens" and "input_mask" are [N, K, L]); chunk_rows rounded up to `row_multiple`."""
   lengths = block_lengths(arrays["tokens"], arrays["input_mask"])
   if lengths.max() > row_len:
     i = int(np.argmax(lengths))
-    raise ValueError(f"reward.pack_row_len={row_len} is shorter than training example {i}, "
-                     f"which takes {int(lengths[i])} tokens packed: raise it (0 = K x max_len "
-                     f"always fits)")
+    raise ValueError(f"reward.pack_row_len={row_len} is shorter than example {i}, which takes "
+                     f"{int(lengths[i])} tokens packed: raise it (0 = K x max_len always fits)")
   chunk_rows = -(-chunk_rows // row_multiple) * row_multiple
-  chunks, blocks, run = 1, 1, 0
-  for step in range(steps):
-    packed = first_fit(lengths[batching.batch_rows(len(lengths), step, batch_size, seed)],
-                       row_len)
+  chunks, blocks, run, padded = 1, 1, 0, 0
+  _, num_seqs, length = arrays["tokens"].shape
+  for index in batches:
+    packed = first_fit(lengths[index], row_len)
     needed = -(-len(packed) // chunk_rows)
     chunks, blocks, run = max(chunks, needed), max(blocks, max(map(len, packed))), run + needed
-  _, num_seqs, length = arrays["tokens"].shape
-  share = run * chunk_rows * row_len / max(steps * batch_size * num_seqs * length, 1)
-  return Plan(row_len, chunk_rows, chunks, blocks, share)
+    padded += len(index) * num_seqs * length
+  return Plan(row_len, chunk_rows, chunks, blocks, run * chunk_rows * row_len / max(padded, 1))
+
+
+def train_plan(arrays: dict, steps: int, batch_size: int, seed: int, row_len: int,
+               chunk_rows: int, row_multiple: int = 1) -> Plan:
+  """`plan` for the batches of steps 0..steps-1 of `batching.batch_rows` over `arrays`."""
+  n = len(arrays["tokens"])
+  return plan(arrays, [batching.batch_rows(n, step, batch_size, seed) for step in range(steps)],
+              row_len, chunk_rows, row_multiple)
 
 
 def example_weights(arrays: dict, index: np.ndarray, accum_steps: int) -> np.ndarray:
@@ -112,8 +119,9 @@ def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> 
   """The examples arrays[index] as one packed batch, rows laid out [chunk_rows, max_chunks]:
   tokens, positions, segment (block number from 1; 0 = padding), branch (0 = shared prefix,
   k + 1 = sequence k's suffix) [r, C, row_len]; score_index [r, C, M, K] (each sequence's last
-  token); block_mask, label, weight (see example_weights) [r, C, M]; chunk_count [r] (chunks
-  holding rows, the same in every row)."""
+  token); block_mask, label, weight (see example_weights), example (the block's position in
+  `index`, -1 for none) [r, C, M]; chunk_count [r] (chunks holding rows, the same in every
+  row)."""
   tokens, input_mask = arrays["tokens"][index], arrays["input_mask"][index]
   prefix, suffix = shared_blocks(tokens, input_mask)
   packed = first_fit(prefix + suffix.sum(1), plan_.row_len)
@@ -126,6 +134,7 @@ def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> 
          "score_index": np.zeros((r, c, m, num_seqs), np.int32),
          "block_mask": np.zeros((r, c, m), bool), "label": np.zeros((r, c, m), np.float32),
          "weight": np.zeros((r, c, m), np.float32),
+         "example": np.full((r, c, m), -1, np.int32),
          "chunk_count": np.full((r,), -(-len(packed) // r), np.int32)}
   for name in ("positions", "segment", "branch"):
     out[name] = np.zeros_like(out["tokens"])
@@ -141,6 +150,7 @@ def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> 
         out["score_index"][slot + (b, k)] = end + s - 1 if s else at + p - 1
         end += s
       out["block_mask"][slot + (b,)] = True
+      out["example"][slot + (b,)] = e
       out["label"][slot + (b,)] = arrays["label"][index[e]]
       out["weight"][slot + (b,)] = weight[e]
       at = end
@@ -163,3 +173,11 @@ def attention_mask(segment, branch):
   same_block = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] > 0)
   visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
   return causal & same_block & visible
+
+
+def unpack_scores(scores: np.ndarray, packed: dict, count: int) -> np.ndarray:
+  """Scores [r, C, M, K] of a packed batch back in example order: [count, K]."""
+  out = np.zeros((count, scores.shape[-1]), np.float32)
+  where = packed["example"] >= 0
+  out[packed["example"][where]] = scores[where]
+  return out

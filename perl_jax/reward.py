@@ -18,6 +18,7 @@ import scipy.stats
 
 from perl_jax import checkpoint as checkpoint_lib
 from perl_jax import common
+from perl_jax import distributed
 from perl_jax import evaluation
 from perl_jax import lora as lora_lib
 from perl_jax import losses
@@ -26,6 +27,7 @@ from perl_jax import roles
 from perl_jax import sharding as sharding_lib
 from perl_jax import train as train_lib
 from perl_jax.data import batching
+from perl_jax.progress import Progress
 
 
 def encode_preferences(tok, prefs, max_len: int) -> dict:
@@ -72,7 +74,7 @@ def packed_reward_grads_fn(model, margin: float):
   chunk_grads = jax.value_and_grad(chunk_loss, has_aux=True)
 
   def grads_fn(trainable, frozen, batch, rng):
-    rows = {k: v for k, v in batch.items() if k != "chunk_count"}  # [r, C, ...]
+    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example")}
 
     def body(c, carry):
       loss, grads, scores = carry
@@ -105,10 +107,9 @@ def class_balancing_weights(labels: np.ndarray) -> np.ndarray:
                   len(labels) / (2 * counts[False])).astype(np.float32)
 
 
-def evaluate(score_fn, trainable, arrays: dict, batch_size: int, mesh, margin: float) -> dict:
-  """Metrics over every held-out row."""
-  scores = evaluation.per_row(lambda batch: {"scores": score_fn(trainable, batch)}, arrays,
-                              batch_size, mesh, "reward")["scores"]
+def evaluate(scores_of, trainable, arrays: dict, margin: float) -> dict:
+  """Metrics over every held-out row; scores_of(trainable, arrays) -> scores [N, K]."""
+  scores = scores_of(trainable, arrays)
   loss, metrics = losses.preference_loss(jnp.asarray(scores), jnp.asarray(arrays["label"]),
                                          margin)
   metrics = {k: float(v) for k, v in metrics.items()}
@@ -182,6 +183,50 @@ def load_data(config, workdir, tok):
   return train_prefs, eval_prefs, train_arrays, eval_arrays
 
 
+def packed_scores_fn(model, frozen):
+  """jit of (trainable, packed batch) -> scores [r, C, M, K] of every chunk that holds rows."""
+  def scores_of(trainable, frozen, batch):
+    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example")}
+
+    def body(c, scores):
+      chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, c, 1, keepdims=False),
+                           rows)
+      return jax.lax.dynamic_update_index_in_dim(
+          scores, roles.packed_scores(model, {**frozen, **trainable}, chunk), c, 1)
+    return jax.lax.fori_loop(0, batch["chunk_count"][0], body,
+                             jnp.zeros(batch["score_index"].shape, jnp.float32))
+  jitted = jax.jit(scores_of)
+  return lambda trainable, batch: jitted(trainable, frozen, batch)  # frozen: an argument
+
+
+def eval_scores_fn(config, eval_arrays: dict, model, frozen, mesh):
+  """scores_of(trainable, arrays) -> [N, K] for `evaluate`: held-out examples in order, in
+  batches of reward.eval_batch_size, packed like training (reward.pack) or padded."""
+  reward_cfg = config.reward
+  if not reward_cfg.pack:
+    jitted = jax.jit(lambda t, f, b: roles.sequence_scores(model, {**f, **t}, b["tokens"],
+                                                           b["input_mask"]))
+    return lambda trainable, arrays: evaluation.per_row(
+        lambda batch: {"scores": jitted(trainable, frozen, batch)}, arrays,
+        reward_cfg.eval_batch_size, mesh, "reward")["scores"]
+  _, num_seqs, length = eval_arrays["tokens"].shape
+  n, size = len(eval_arrays["label"]), reward_cfg.eval_batch_size
+  batches = [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+  plan = packing.plan(eval_arrays, batches, reward_cfg.pack_row_len or num_seqs * length,
+                      reward_cfg.pack_chunk_rows, sharding_lib.batch_divisor(mesh))
+  score = packed_scores_fn(model, frozen)
+
+  def scores_of(trainable, arrays):
+    progress, out = Progress("reward", "evaluating", n, "rows"), []
+    for index in batches:
+      packed = packing.pack(arrays, index, plan)
+      scores = distributed.to_host(score(trainable, sharding_lib.put_batch(packed, mesh)))
+      out.append(packing.unpack_scores(np.asarray(scores), packed, len(index)))
+      progress.update(index[-1] + 1)
+    return np.concatenate(out)
+  return scores_of
+
+
 def train_batches(config, train_arrays: dict, model, mesh):
   """How the reward step trains: {"loss_fn" or "grads_fn", "batch_at"} for train.fit and the
   share of the padded step's token slots it runs; packed rows (reward.pack) or padded ones,
@@ -192,9 +237,9 @@ def train_batches(config, train_arrays: dict, model, mesh):
             "batch_at": lambda s: batching.batch_at(train_arrays, s, train_cfg.batch_size,
                                                     config.seed)}, 1.0
   _, num_seqs, length = train_arrays["tokens"].shape
-  plan = packing.plan(train_arrays, train_cfg.steps, train_cfg.batch_size, config.seed,
-                      reward_cfg.pack_row_len or num_seqs * length, reward_cfg.pack_chunk_rows,
-                      sharding_lib.batch_divisor(mesh))
+  plan = packing.train_plan(train_arrays, train_cfg.steps, train_cfg.batch_size, config.seed,
+                            reward_cfg.pack_row_len or num_seqs * length,
+                            reward_cfg.pack_chunk_rows, sharding_lib.batch_divisor(mesh))
   print(f"[reward] packed: rows of {plan.row_len} tokens (at most {plan.blocks_per_row} "
         f"examples each), run {plan.chunk_rows} at a time, up to {plan.rows} a step, in place "
         f"of {train_cfg.batch_size * num_seqs} rows of {length}: {plan.token_share:.0%} of the "
@@ -231,12 +276,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
   select_by = "auc" if train_prefs.kind == "pointwise" else "accuracy"
   best = json.load(open(best_info_path)) if os.path.exists(best_info_path) else {}
   best.setdefault("accuracy", -1.0)
-  frozen_scores = jax.jit(lambda t, f, b: roles.sequence_scores(model, {**f, **t}, b["tokens"],
-                                                                b["input_mask"]))
-  score_fn = lambda t, b: frozen_scores(t, frozen, b)  # frozen is an argument, not a constant
+  scores_of = eval_scores_fn(config, eval_arrays, model, frozen, mesh)
 
   def eval_fn(trainable):
-    metrics = evaluate(score_fn, trainable, eval_arrays, reward_cfg.eval_batch_size, mesh, reward_cfg.margin)
+    metrics = evaluate(scores_of, trainable, eval_arrays, reward_cfg.margin)
     # Keep the best-validation reward model; never one that scores every row alike (collapsed).
     # AUC is undefined (NaN) on a held-out slice with one class: then accuracy decides.
     key = select_by if np.isfinite(metrics[select_by]) else "accuracy"
@@ -256,8 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, writer) -> dict:
       collapsed=_collapsed)
   final_eval = {k[len("eval_"):]: v for k, v in result["history"][-1].items()
                 if k.startswith("eval_")} if result["history"] else evaluate(
-                    score_fn, result["state"]["trainable"], eval_arrays, reward_cfg.eval_batch_size,
-                    mesh, reward_cfg.margin)
+                    scores_of, result["state"]["trainable"], eval_arrays, reward_cfg.margin)
   summary = {f"eval_{k}": v for k, v in final_eval.items()}
   summary.update({"best_eval_accuracy": best["accuracy"], "best_selected_by": select_by,
                   **({"best_eval_auc": best.get("auc")} if select_by == "auc" else {}),
