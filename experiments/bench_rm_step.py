@@ -21,6 +21,11 @@ turns bf16 on for both). The first --warmup
 steps of each (jit compile) are excluded. TRL is timed at each --torch_threads setting (a fresh
 trainer per setting).
 
+--hh_dir=DIR (with a released --model) takes real Anthropic HH harmless-base pairs instead of
+random tokens, the same pairs in the same order on both sides; --pack then trains perl_jax on
+packed rows (reward.pack: each pair's prompt once, no padding), while TRL pads each batch to its
+longest sequence.
+
 Writes rm_step.csv and rm_step.md in --out and prints the table.
 """
 import dataclasses
