@@ -120,7 +120,7 @@ def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> 
   tokens, positions, segment (block number from 1; 0 = padding), branch (0 = shared prefix,
   k + 1 = sequence k's suffix) [r, C, row_len]; score_index [r, C, M, K] (each sequence's last
   token); block_mask, label, weight (see example_weights), example (the block's position in
-  `index`, -1 for none) [r, C, M]; chunk_count [r] (chunks holding rows, the same in every
+  `index`, -1 for none), micro (its micro-batch of accum_steps) [r, C, M]; chunk_count [r] (chunks holding rows, the same in every
   row)."""
   tokens, input_mask = arrays["tokens"][index], arrays["input_mask"][index]
   prefix, suffix = shared_blocks(tokens, input_mask)
@@ -134,7 +134,7 @@ def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> 
          "score_index": np.zeros((r, c, m, num_seqs), np.int32),
          "block_mask": np.zeros((r, c, m), bool), "label": np.zeros((r, c, m), np.float32),
          "weight": np.zeros((r, c, m), np.float32),
-         "example": np.full((r, c, m), -1, np.int32),
+         "example": np.full((r, c, m), -1, np.int32), "micro": np.full((r, c, m), -1, np.int32),
          "chunk_count": np.full((r,), -(-len(packed) // r), np.int32)}
   for name in ("positions", "segment", "branch"):
     out[name] = np.zeros_like(out["tokens"])
@@ -151,6 +151,7 @@ def pack(arrays: dict, index: np.ndarray, plan_: Plan, accum_steps: int = 1) -> 
         end += s
       out["block_mask"][slot + (b,)] = True
       out["example"][slot + (b,)] = e
+      out["micro"][slot + (b,)] = e // (len(index) // accum_steps)
       out["label"][slot + (b,)] = arrays["label"][index[e]]
       out["weight"][slot + (b,)] = weight[e]
       at = end

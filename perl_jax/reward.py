@@ -59,11 +59,11 @@ def reward_loss_fn(model, margin: float):
   return loss_fn
 
 
-def packed_reward_grads_fn(model, margin: float):
+def packed_reward_grads_fn(model, margin: float, accum_steps: int = 1):
   """The reward step's loss, metrics and gradients on a packed batch (perl_jax.packing): its
   chunks that hold rows, one at a time (a while loop: the row count varies by step, the shapes
   do not), each adding its examples' weighted losses and their gradients. The padded step's
-  loss and gradients, micro-batches included (tests/test_packing.py)."""
+  loss, metrics and gradients, accum_steps micro-batches included (tests/test_packing.py)."""
   def chunk_loss(trainable, frozen, chunk, rng):
     scores = roles.packed_scores(model, {**frozen, **trainable}, chunk, deterministic=False,
                                  rng=rng)
@@ -74,7 +74,7 @@ def packed_reward_grads_fn(model, margin: float):
   chunk_grads = jax.value_and_grad(chunk_loss, has_aux=True)
 
   def grads_fn(trainable, frozen, batch, rng):
-    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example")}
+    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example", "micro")}
 
     def body(c, carry):
       loss, grads, scores = carry
@@ -85,14 +85,17 @@ def packed_reward_grads_fn(model, margin: float):
       return (loss + chunk_sum, jax.tree.map(jnp.add, grads, g),
               jax.lax.dynamic_update_index_in_dim(scores, chunk_scores, c, 1))
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)  # f32 sums
     scores = jnp.zeros(batch["score_index"].shape, jnp.float32)
     loss, grads, scores = jax.lax.fori_loop(0, batch["chunk_count"][0], body,
                                             (jnp.zeros((), jnp.float32), zeros, scores))
     flat = lambda x: x.reshape((-1,) + x.shape[3:])
-    _, metrics = losses.preference_loss(flat(scores), flat(batch["label"]), margin,
-                                        mask=flat(batch["block_mask"]))
-    return (loss, metrics), grads
+    # The padded step averages its micro-batches' metrics; so does this one.
+    per_micro = [losses.preference_loss(flat(scores), flat(batch["label"]), margin,
+                                        mask=flat(batch["block_mask"] & (batch["micro"] == j)))[1]
+                 for j in range(accum_steps)]
+    metrics = jax.tree.map(lambda *m: sum(m) / accum_steps, *per_micro)
+    return (loss, metrics), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
   return grads_fn
 
 
@@ -186,7 +189,7 @@ def load_data(config, workdir, tok):
 def packed_scores_fn(model, frozen):
   """jit of (trainable, packed batch) -> scores [r, C, M, K] of every chunk that holds rows."""
   def scores_of(trainable, frozen, batch):
-    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example")}
+    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example", "micro")}
 
     def body(c, scores):
       chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, c, 1, keepdims=False),
@@ -245,7 +248,8 @@ def train_batches(config, train_arrays: dict, model, mesh):
         f"of {train_cfg.batch_size * num_seqs} rows of {length}: {plan.token_share:.0%} of the "
         f"token slots over the {train_cfg.steps} steps", flush=True)
   n = len(train_arrays["label"])
-  return {"loss_fn": None, "grads_fn": packed_reward_grads_fn(model, reward_cfg.margin),
+  return {"loss_fn": None,
+          "grads_fn": packed_reward_grads_fn(model, reward_cfg.margin, train_cfg.accum_steps),
           "batch_at": lambda s: packing.pack(
               train_arrays, batching.batch_rows(n, s, train_cfg.batch_size, config.seed), plan,
               train_cfg.accum_steps)}, plan.token_share
