@@ -127,8 +127,8 @@ def get_config(arg=None):
       c.lora.rank, c.lora.alpha = 8, 16.0
       c.lora.targets = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
       t = c.reward.train
-      t.steps, t.batch_size, t.accum_steps = 90, 32, 2
-      t.eval_every = t.checkpoint_every = 30
+      t.steps, t.batch_size, t.accum_steps = 180, 32, 2  # two passes over the training rows
+      t.eval_every = t.checkpoint_every = 45
       t.log_every = 5
       c.reward.optim.lr = 3e-4
     else:
