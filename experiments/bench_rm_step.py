@@ -178,13 +178,9 @@ def main(argv):
   perl_losses = []
   step_fns = {"loss_fn": reward_lib.reward_loss_fn(model, 0.0)}
   if _PACK.value:  # one packed layout for every step's pairs, as the stage plans it
-    fits = [packing.first_fit(packing.block_lengths(tokens[i * pairs:(i + 1) * pairs],
-                                                    input_mask[i * pairs:(i + 1) * pairs]),
-                              2 * length) for i in range(steps)]
-    chunks = [-(-len(f) // _CHUNK_ROWS.value) for f in fits]
-    packed_share = sum(chunks) * _CHUNK_ROWS.value / (steps * pairs)
-    plan = packing.Plan(2 * length, _CHUNK_ROWS.value, max(chunks),
-                        max(max(map(len, f)) for f in fits), packed_share)
+    plan = packing.plan(arrays, [np.arange(i * pairs, (i + 1) * pairs) for i in range(steps)],
+                        2 * length, _CHUNK_ROWS.value)
+    packed_share = plan.token_share
     step_fns = {"loss_fn": None, "grads_fn": reward_lib.packed_reward_grads_fn(model, 0.0)}
     print(f"packed: rows of {plan.row_len} tokens, {plan.chunk_rows} at a time, "
           f"{packed_share:.0%} of the padded token slots", flush=True)

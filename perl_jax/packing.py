@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -164,6 +165,13 @@ def _put(out, slot, start, tokens, positions, segment, branch):
   out["positions"][where] = positions
   out["segment"][where] = segment
   out["branch"][where] = branch
+
+
+def chunk_at(batch: dict, c):
+  """Chunk c of a packed batch (inside jit, c may be traced): the fields the model and loss
+  read, [chunk_rows, ...] each."""
+  return {k: jax.lax.dynamic_index_in_dim(v, c, 1, keepdims=False) for k, v in batch.items()
+          if k not in ("chunk_count", "example", "micro")}
 
 
 def attention_mask(segment, branch):

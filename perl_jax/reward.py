@@ -74,12 +74,9 @@ def packed_reward_grads_fn(model, margin: float, accum_steps: int = 1):
   chunk_grads = jax.value_and_grad(chunk_loss, has_aux=True)
 
   def grads_fn(trainable, frozen, batch, rng):
-    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example", "micro")}
-
     def body(c, carry):
       loss, grads, scores = carry
-      chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, c, 1, keepdims=False),
-                           rows)
+      chunk = packing.chunk_at(batch, c)
       (chunk_sum, chunk_scores), g = chunk_grads(trainable, frozen, chunk,
                                                  jax.random.fold_in(rng, c))
       return (loss + chunk_sum, jax.tree.map(jnp.add, grads, g),
@@ -189,11 +186,8 @@ def load_data(config, workdir, tok):
 def packed_scores_fn(model, frozen):
   """jit of (trainable, packed batch) -> scores [r, C, M, K] of every chunk that holds rows."""
   def scores_of(trainable, frozen, batch):
-    rows = {k: v for k, v in batch.items() if k not in ("chunk_count", "example", "micro")}
-
     def body(c, scores):
-      chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, c, 1, keepdims=False),
-                           rows)
+      chunk = packing.chunk_at(batch, c)
       return jax.lax.dynamic_update_index_in_dim(
           scores, roles.packed_scores(model, {**frozen, **trainable}, chunk), c, 1)
     return jax.lax.fori_loop(0, batch["chunk_count"][0], body,
