@@ -196,6 +196,10 @@ def base_config() -> ml_collections.ConfigDict:
           train_split="train",
           eval_split="test",
           max_eval_rows=2048,  # evaluate on at most this many held-out rows
+          # Tokens per reward-model sequence (prompt + response, truncated as data.max_len is);
+          # 0 = data.max_len. Lets the reward stage read longer contexts than SFT and RL train
+          # on (the RL stage scores its own prompt_len + max_new_tokens sequences).
+          max_len=0,
           # Train on what could be read from a file that stops being readable part-way;
           # False: such a file fails the stage, naming it and the rows lost.
           allow_partial=False,

@@ -172,13 +172,14 @@ def load_data(config, workdir, tok):
   if train_prefs.kind not in ("pairwise", "pointwise"):
     raise ValueError(f"{dcfg.name} holds {train_prefs.kind}, not preference pairs or 0/1 "
                      f"reward labels: the reward stage cannot train on it")
-  train_arrays = encode_preferences(tok, train_prefs, config.data.max_len)
+  max_len = dcfg.max_len or config.data.max_len
+  train_arrays = encode_preferences(tok, train_prefs, max_len)
   if config.reward.balance_classes:
     if train_prefs.kind != "pointwise":
       raise ValueError("reward.balance_classes applies to pointwise 0/1 data only; "
                        f"{dcfg.name} is {train_prefs.kind}")
     train_arrays["weight"] = class_balancing_weights(train_arrays["label"])
-  eval_arrays = encode_preferences(tok, eval_prefs, config.data.max_len)
+  eval_arrays = encode_preferences(tok, eval_prefs, max_len)
   eval_arrays = {k: v[:dcfg.max_eval_rows] for k, v in eval_arrays.items()}
   return train_prefs, eval_prefs, train_arrays, eval_arrays
 

@@ -195,6 +195,9 @@ def _stages(p: _Problems, config, workdir: str) -> None:
              "'reward' before 'rl' (or finish it first in this workdir)")
     if stage == "reward":
       _reward_data(p, config, workdir, before)
+      p.need(config.reward.data.max_len == 0 or config.reward.data.max_len >= 2,
+             "reward.data.max_len",
+             f"{config.reward.data.max_len} tokens: 0 (data.max_len) or at least 2")
       p.need(config.reward.pack_row_len >= 0, "reward.pack_row_len",
              f"{config.reward.pack_row_len} tokens: 0 (K x data.max_len) or a row length")
       p.need(config.reward.pack_chunk_rows >= 1, "reward.pack_chunk_rows",

@@ -18,6 +18,7 @@ from perl_jax import main
 from perl_jax import model as model_lib
 from perl_jax import rl
 from perl_jax import train as train_lib
+from perl_jax import validate
 from perl_jax.data import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,20 @@ def test_config_is_valid(path):
     model_lib.build(model_lib.model_config(config.model.preset, vocab_size=256),
                     config.lora.rank, lora_targets=tuple(config.lora.targets))
     assert module.__doc__ and "python -m perl_jax.main" in module.__doc__  # the run command
+
+
+def test_gemma3_270m_every_task_and_device_validates(tmp_path):
+  """Every `:task=` on both devices passes the checks a run starts with (CI runs one of them)."""
+  path = os.path.join(ROOT, "configs", "paper", "gemma3_270m.py")
+  module = _load(path)[1]
+  for task in module.TASKS:
+    for device in ("cpu", "gpu"):
+      config = module.get_config(f"task={task},device={device}")
+      # Any published-layout directory will do: only the checks of the config are wanted here.
+      config.data.manual_dir = config.reward.data.manual_dir = str(tmp_path)
+      found = [p for p in validate.problems(config, str(tmp_path / "run"))
+               if not p.startswith("reward.data.manual_dir")]
+      assert not found, (task, device, found)
 
 
 # ------------------------------------------------------------------------------ small modes

@@ -77,6 +77,16 @@ def test_reward_model_learns_preferences(tmp_path, rank):
     assert result["trainable_percent"] == 100.0
 
 
+def test_reward_data_max_len_sets_the_reward_stage_length(tmp_path):
+  config = _config(tmp_path, rank=8)
+  tok = common.load_tokenizer(config)
+  *_, eval_arrays = reward_lib.load_data(config, str(tmp_path / "run"), tok)
+  assert eval_arrays["tokens"].shape[-1] == config.data.max_len  # 0: the data's length
+  config.reward.data.max_len = 2 * config.data.max_len
+  *_, eval_arrays = reward_lib.load_data(config, str(tmp_path / "run"), tok)
+  assert eval_arrays["tokens"].shape[-1] == 2 * config.data.max_len
+
+
 def test_roc_auc_is_the_pairwise_ranking_probability():
   from perl_jax.reward import roc_auc
   rng = np.random.default_rng(0)

@@ -89,6 +89,23 @@ def _reward_model(c: ml_collections.ConfigDict, steps: int, eval_every: int) -> 
   c.reward.pack = True
 
 
+def _two_pass_reward_model(c: ml_collections.ConfigDict) -> None:
+  """Taskmaster's reward model as measured best here (experiments/README.md): two passes over
+  the 2,876 training rows in batches of 32 (2 x 16 accumulated: ~4 negatives each, a steadier
+  class-balanced loss), rank 8 on attention and MLP, 384-token contexts (72% of the rows fit
+  whole). On the released backbone in bfloat16 (20-25% faster on AVX512-BF16 CPUs): AUC 0.81 /
+  0.74 (seeds 0 / 1) at the end, against 0.71 / 0.66 for one pass and 0.64-0.65 with
+  _reward_model's 80 x 16 at rank 4. ~52 min on 2 cores."""
+  c.reward.data.max_len = 384
+  c.lora.rank, c.lora.alpha = 8, 16.0
+  c.lora.targets = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+  t = c.reward.train
+  t.steps, t.batch_size, t.accum_steps = 180, 32, 2  # two passes over the training rows
+  t.eval_every = t.checkpoint_every = 45
+  t.log_every = 5
+  c.reward.optim.lr = 3e-4
+
+
 def get_config(arg=None):
   arg = config_base.parse_arg(arg, task="hh_rm", device="cpu", small=False)
   if arg.task not in TASKS:
@@ -114,23 +131,12 @@ def get_config(arg=None):
     c.reward.data.name = "taskmaster"
     c.reward.data.manual_dir = c.data.get_ref("manual_dir")
     c.reward.balance_classes = True  # 86% of the labels are 1
-    _reward_model(c, steps=80, eval_every=40)  # 1,280 of the 2,876 training examples
+    _reward_model(c, steps=80, eval_every=40)
+    _two_pass_reward_model(c)
     if arg.task == "taskmaster_rm":
       c.stages = ("reward",)
-      # Measured best here (experiments/README.md): two passes over the 2,876 training rows in
-      # batches of 32 (2 x 16 accumulated: ~4 negatives each, a steadier class-balanced loss),
-      # rank 8 on attention and MLP, 384-token contexts (72% of the rows fit whole), bfloat16
-      # (20-25% faster on AVX512-BF16 CPUs): AUC 0.81 / 0.74 (seeds 0 / 1) at the end, against 0.71 / 0.66
-      # (seeds 0 / 1) for one pass and 0.64-0.65 with the settings above. ~52 min on 2 cores.
       c.data.max_len = 384
       c.model.dtype = c.model.param_dtype = "bfloat16"
-      c.lora.rank, c.lora.alpha = 8, 16.0
-      c.lora.targets = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
-      t = c.reward.train
-      t.steps, t.batch_size, t.accum_steps = 180, 32, 2  # two passes over the training rows
-      t.eval_every = t.checkpoint_every = 45
-      t.log_every = 5
-      c.reward.optim.lr = 3e-4
     else:
       c.stages = ("sft", "reward", "rl", "report")
       # Every SFT and RL token costs a 262k-way vocabulary projection (most of those steps'
@@ -145,20 +151,27 @@ def get_config(arg=None):
                   samples_per_prompt=4)
       c.rl.train.update(steps=20, batch_size=16, log_every=2, eval_every=10,
                         checkpoint_every=10)
-      c.rl.optim.update(lr=2e-4, full_lr=5e-6, warmup_steps=3)
+      # The policy and value adapters are the reward model's shape (rank 8 on attention and
+      # MLP): at lr 2e-4 such a policy reward-hacked a weaker reward model (KL 1.8 in 20 steps,
+      # experiments/README.md); 5e-5 moves it a quarter as fast.
+      c.rl.optim.update(lr=5e-5, full_lr=5e-6, warmup_steps=3)
   if arg.device == "gpu":
     c.model.dtype = c.model.param_dtype = "bfloat16"
     c.data.max_len = max(c.data.max_len, 512)
+    if c.reward.data.max_len:
+      c.reward.data.max_len = max(c.reward.data.max_len, 512)
     for stage in (c.sft, c.reward, c.rl):
       stage.train.steps *= 4
       stage.train.batch_size *= 4
       stage.train.eval_every *= 4
       stage.train.checkpoint_every *= 4
+    c.rl.prompts_per_step *= 4  # an RL batch is prompts_per_step x samples_per_prompt episodes
   if arg.small:
     # The backbone sharded over every device (FSDP), not replicated: on 8 simulated CPU devices
     # a replicated 270M model holds 8 GB of host memory.
     c.mesh.data, c.mesh.fsdp = 1, -1
     c.data.max_len, c.data.prompt_len, c.sampling.max_new_tokens = 64, 48, 8
+    c.reward.data.max_len = 0
     c.reward.data.max_eval_rows, c.reward.eval_batch_size = 8, 8
     c.sft.num_train, c.sft.num_eval, c.sft.num_samples = 16, 8, 8
     c.rl.num_train_prompts, c.rl.num_eval_prompts = 8, 8
