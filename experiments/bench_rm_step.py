@@ -227,11 +227,18 @@ def main(argv):
       # In order, as perl_jax takes them: step i of both sides trains on the same pairs.
       trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
       trl_trainable_params = bc.count_trainable_torch(trainer.model)
+      first = len(perl_losses)
       out = trainer.train()
     pair_list.append((perl, peer))
+    # TRL's training_loss is the mean over every step it took (warm-up included): compare it
+    # with perl_jax's mean over the same steps, not with one step's loss.
+    perl_mean_loss = float(np.mean(perl_losses[first:]))
     print(f"torch {n} thr: perl_jax median {np.median(perl.values) * 1e3:.1f} ms/step, TRL "
-          f"{np.median(peer.values) * 1e3:.1f} ms/step (TRL mean train loss "
-          f"{out.training_loss:.4f})", flush=True)
+          f"{np.median(peer.values) * 1e3:.1f} ms/step; mean train loss over the same "
+          f"{len(perl_losses) - first} steps: TRL {out.training_loss:.4f}, perl_jax "
+          f"{perl_mean_loss:.4f}", flush=True)
+    notes.append(f"mean train loss over the same {len(perl_losses) - first} steps ({n} thr): "
+                 f"TRL {out.training_loss:.4f}, perl_jax {perl_mean_loss:.4f}")
 
   notes += [
       f"model: {_MODEL.value} ({lora_lib.count_params(frozen):,} frozen params, {_DTYPE.value}"
