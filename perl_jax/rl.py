@@ -60,6 +60,27 @@ def anchor_variables(frozen):
   return {"params": frozen["params"]}
 
 
+@jax.jit
+def policy_is_anchor(trainable, frozen):
+  """Whether the policy computes exactly the anchor's function, as it does before its first
+  update: every lora_b of its adapter zero (or the adapter equal to the frozen SFT adapter the
+  policy started from), or a full copy equal to the backbone. A scalar bool array."""
+  policy = trainable["policy"]
+  if "params" in policy:
+    same = [jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(policy["params"]),
+                                                 jax.tree.leaves(frozen["params"]))]
+  elif "anchor_adapter" in frozen:
+    same = [jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(policy[lora_lib.ADAPTER]),
+                                                 jax.tree.leaves(frozen["anchor_adapter"]))]
+  else:
+    flat = jax.tree_util.tree_flatten_with_path(policy[lora_lib.ADAPTER])[0]
+    same = [jnp.all(leaf == 0) for path, leaf in flat
+            if getattr(path[-1], "key", None) == "lora_b"]
+    if len(same) == 0:  # no LoRA leaves: nothing says the policy is the anchor
+      return jnp.asarray(False)
+  return jnp.all(jnp.stack(same))
+
+
 def init_roles(model, backbone, full_finetune: bool, seed: int, with_value: bool,
                sft_adapter=None, mesh=None):
   """(trainable, frozen): policy (+ value) adapters over one frozen backbone, or full copies.
@@ -444,8 +465,16 @@ def make_evaluator(config, workdir, model, reward_fn, reward_variables, frozen, 
     if "anchor" not in anchor_cache:
       anchor_cache["anchor"] = rollout_and_score(trainable, anchor_variables(frozen), "anchor")
     anchor_scored, _, anchor_judged = anchor_cache["anchor"]
-    scored, texts, judged = rollout_and_score(trainable, policy_variables(trainable, frozen),
-                                              "policy")
+    if bool(policy_is_anchor(trainable, frozen)):
+      # Before any update (the initial evaluation) the policy is the anchor's function: sampled
+      # with the same key its turns would be the anchor's. With 384 prompts of a 270M model on
+      # a CPU this saves ~10 minutes.
+      print("[rl] the policy is still the anchor (no update yet): its evaluation is the "
+            "anchor's", flush=True)
+      scored, texts, judged = anchor_cache["anchor"]
+    else:
+      scored, texts, judged = rollout_and_score(trainable, policy_variables(trainable, frozen),
+                                                "policy")
     win = lambda a, b: float(np.mean((a > b) + 0.5 * (a == b)))
     metrics = {"reward": float(np.mean(scored["rm_scores"])),
                "anchor_reward": float(np.mean(anchor_scored["rm_scores"])),

@@ -62,6 +62,15 @@ def test_policy_equals_anchor_at_start_and_kl_is_zero():
   assert "params" not in trainable["policy"]
   leaves = lora_lib.flatten(trainable)
   assert all(p.endswith(("lora_a", "lora_b")) or "score_head" in p for p in leaves)
+  # The evaluator reuses the anchor's samples for the policy exactly while this holds.
+  assert bool(rl.policy_is_anchor(trainable, frozen))
+  moved = jax.tree.map(lambda x: x + 0.01, trainable)  # lora_b no longer zero
+  assert not bool(rl.policy_is_anchor(moved, frozen))
+  full_trainable, full_frozen = _setup("reinforce", full_finetune=True)[2:4]
+  assert bool(rl.policy_is_anchor(full_trainable, full_frozen))
+  full_trainable["policy"]["params"] = jax.tree.map(lambda x: x * 1.5,
+                                                    full_trainable["policy"]["params"])
+  assert not bool(rl.policy_is_anchor(full_trainable, full_frozen))
 
 
 def test_policy_started_from_an_sft_adapter_keeps_it_as_the_anchor():
@@ -77,6 +86,9 @@ def test_policy_started_from_an_sft_adapter_keeps_it_as_the_anchor():
   scored = rl.make_scorer(model, _reward_fn, config.rl, 4, True, -1)(trainable, frozen, {},
                                                                       rollout)
   np.testing.assert_array_equal(np.asarray(scored["kl"]), 0.0)  # anchor = SFT adapter
+  assert bool(rl.policy_is_anchor(trainable, frozen))  # its lora_b are not zero, yet it is
+  trainable["policy"] = jax.tree.map(lambda x: x * 0.5, trainable["policy"])
+  assert not bool(rl.policy_is_anchor(trainable, frozen))
   bare, _ = roles.token_logprobs(model, {"params": backbone}, rollout["tokens"],
                                  rollout["input_mask"], 4)
   assert float(jnp.abs(bare - scored["anchor_logprobs"]).max()) > 1e-3  # not the bare backbone
