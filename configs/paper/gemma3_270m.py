@@ -21,25 +21,24 @@ Tasks (the `:task=` arg):
                  0.03-0.04); one pass gave 0.711 / 0.661 at seeds 0 / 1 and 0.609 on
                  taskmaster_rl's SFT backbone (experiments/README.md).
   taskmaster_rl  SFT (full, a short fine-tune of the pretrained model on the dialogs' agent turns)
-                 -> reward model (BCE, 80 steps x 16, LoRA r4 on attention: not yet the
-                 taskmaster_rm recipe) -> PERL RL (REINFORCE with a LoRA value
-                 baseline, beta 0.05) with the policy, value and reward model all on the one
-                 270M backbone, evaluated by the task's judge against the published next turns.
-                 Measured here (experiments/README.md): its reward stage reaches ROC AUC
-                 0.64-0.65 with 384-token contexts (--config.data.max_len=384 for the reward
-                 stage), no better than the 1M model's nor than a bag of words (0.63-0.67,
-                 experiments/taskmaster_rm_baseline.py); with 36 negatives in the test split
-                 such an AUC has a standard error of 0.044. The SFT model's own likelihood
-                 of the response, not trained as a reward, ranks the labels about as well
-                 (AUC 0.64-0.67, experiments/taskmaster_likelihood_baseline.py). RL (20
-                 steps): on 384 held-out contexts well-formed turns 0.904 -> 0.951 (2.5
-                 standard errors) and the RM prefers the policy (win rate 0.564); same act
-                 and exact calls move by less than one standard error
-                 (--config.rl.num_eval_prompts=384 to evaluate so). Against the one-pass
-                 recipe's reward model (rank 8 on attention + MLP, so the policy's adapters
-                 too) at the same lr, RL reward-hacks: KL 1.80, well-formed 1.000, but same
-                 act 0.557 -> 0.349 and exact calls 0.259 -> 0.063; at lr 5e-5 KL 0.70, same
-                 act 0.471, exact calls 0.126 (experiments/README.md).
+                 -> reward model (taskmaster_rm's two-pass recipe on the SFT backbone: BCE,
+                 classes balanced, 180 steps x 32, LoRA r8 on attention and MLP, 384-token
+                 contexts through reward.data.max_len) -> PERL RL (REINFORCE with a LoRA
+                 value baseline, beta 0.05, lr 5e-5) with the policy, value and reward model
+                 all on the one 270M backbone, evaluated by the task's judge against the
+                 published next turns (--config.rl.num_eval_prompts=384 to evaluate on 384).
+                 Measured here (experiments/README.md, "Taskmaster Coffee with the 270M
+                 backbone"): on the SFT backbone the reward models rank the labels less well
+                 than on the released one: AUC 0.669 at step 90 of this recipe (the released
+                 backbone: 0.755 / 0.656 at seeds 0 / 1 at step 90), 0.609 for one pass, 0.644
+                 for 80 x 16 at rank 4. RL against the rank-4 model (rank-4 attention adapters,
+                 lr 2e-4) made well-formed turns 0.904 -> 0.951 (2.5 standard errors) with
+                 KL 0.2; against every rank-8 reward model so far (AUC 0.61-0.67) the rank-8
+                 policy reward-hacks: short agent sentences where the published turn is an API
+                 call, KL 0.7-3.1 in 20 steps, same act and exact calls down (AUC 0.669: same
+                 act 0.557 -> 0.294, exact calls 0.259 -> 0.007, KL 3.08). The
+                 SFT model's own likelihood of the response ranks the labels about as well as
+                 these reward models (AUC 0.64-0.67, experiments/taskmaster_likelihood_baseline.py).
 
 Chat formatting (tokenizer.chat_template="gemma", perl_jax/chat.py): every dialog is rendered in
 Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (105) and
