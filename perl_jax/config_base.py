@@ -2,6 +2,8 @@
 
 Stages (config.stages, run in order, each writing WORKDIR/<stage>):
   sft     trains the tiny backbone from scratch on the task corpus (full training): the anchor.
+          With model.checkpoint it fine-tunes the released model: every weight, or with
+          sft.adapter a LoRA adapter whose frozen copy is the anchor.
   prefs   samples response pairs from the anchor and labels them with the task's gold judge
           (Bradley-Terry noise on train, exact gold on test), written as jsonl for the
           `jsonl_preferences` TFDS builder.
@@ -174,6 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
       num_train=20_000,  # training examples: reviews generates this many; others cap (0 = all)
       num_eval=512,  # held-out examples for the perplexity
       num_samples=64,  # held-out prompts sampled after training
+      # True: train a LoRA adapter (config.lora's rank, alpha and targets) on the frozen
+      # model.checkpoint instead of every weight, saved as WORKDIR/sft/adapter. The reward model
+      # then keeps the released backbone, and RL starts its policy from the adapter and keeps it
+      # frozen as the anchor (rl.sft_adapter picks it up). The lr is optim.lr; full SFT trains at
+      # optim.full_lr when that is set.
+      adapter=False,
       train=train(steps=250, batch_size=32),
       optim=optim(lr=3e-3),
   ))
@@ -237,7 +245,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_train_prompts=1024,  # pool of training prompts, disjoint from held-out ones (0 = all)
       num_eval_prompts=128,  # held-out prompts for evaluation
       # An orbax-saved LoRA adapter tree of a LoRA SFT: the policy starts from it and the anchor
-      # is the backbone with it frozen. "" = the anchor is the bare backbone.
+      # is the backbone with it frozen. "" = WORKDIR/sft/adapter when this workdir's sft stage
+      # trained one (sft.adapter), else the anchor is the bare backbone.
       sft_adapter="",
       missing_eos_penalty=1.0,  # subtracted from the reward of completions without EOS
       whiten_rewards=False,  # standardise reward-model scores over each batch

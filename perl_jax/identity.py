@@ -131,6 +131,11 @@ def _data(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     out["reward_model"] = {"identity": (read(reward_dir) or {}).get("sha256", "missing"),
                            "best": file_fingerprint(best)["sha256"] if os.path.exists(best)
                            else "missing"}
+    adapter = config.rl.sft_adapter or os.path.join(workdir, "sft", "adapter")
+    if os.path.isdir(adapter):  # the LoRA SFT adapter the policy starts from (rl.sft_adapter_path)
+      recorded = None if config.rl.sft_adapter else read(os.path.join(workdir, "sft"))
+      out["sft_adapter"] = (recorded["sha256"] if recorded
+                            else tree_fingerprint(adapter)["sha256"])
   return out
 
 
@@ -138,6 +143,8 @@ def of_stage(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dic
   """The stage's identity: {"fields", "data", "backbone", "sha256"} (sha256 over all but SAFE)."""
   flat = config_fields(config)
   wanted = FIELDS[stage]
+  if stage == "sft" and config.sft.adapter:  # a LoRA SFT adapter has config.lora's shape
+    wanted += ("lora",)
   fields = {k: v for k, v in flat.items()
             if any(k == w or k.startswith(w + ".") for w in wanted)}
   if stage == "sft":  # sft trains the backbone from the released checkpoint or from scratch

@@ -33,6 +33,7 @@ from perl_jax import lora as lora_lib
 from perl_jax import losses
 from perl_jax import roles
 from perl_jax import sampling
+from perl_jax import sft
 from perl_jax import sharding as sharding_lib
 from perl_jax import tasks
 from perl_jax import train as train_lib
@@ -311,6 +312,13 @@ def train_policy(*, name, stage_dir, config, mesh, writer, model, trainable, fro
   return result
 
 
+def sft_adapter_path(config, workdir: str) -> str:
+  """rl.sft_adapter, else this workdir's LoRA SFT adapter when there is one, else ""."""
+  if config.rl.sft_adapter:
+    return config.rl.sft_adapter
+  return sft.adapter_path(workdir) if os.path.isdir(sft.adapter_path(workdir)) else ""
+
+
 def _roles(config, workdir: str, model, tok, mesh):
   """(rm_model, rm_variables, trainable, frozen): the reward model, and the policy (and value)
   to train on the one frozen backbone, all on `mesh`."""
@@ -319,12 +327,13 @@ def _roles(config, workdir: str, model, tok, mesh):
   # Under LoRA the reward model's backbone *is* the policy's: the same arrays, not a copy.
   backbone = rm_variables["params"] if not full_finetune else roles.backbone_for(
       config, workdir, model, mesh)
-  sft_adapter = None
-  if rl_cfg.sft_adapter:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
+  sft_adapter, adapter_path = None, sft_adapter_path(config, workdir)
+  if adapter_path:  # a LoRA SFT result: the policy starts from it, the anchor keeps it
     expected = roles.abstract_variables(model)[lora_lib.ADAPTER]
-    sft_adapter = checkpoint_lib.load_tree(rl_cfg.sft_adapter,
-                                           roles.sharded_abstract(expected, mesh))
-    lora_lib.check_adapter_tree(expected, sft_adapter, f"rl.sft_adapter ({rl_cfg.sft_adapter})")
+    sft_adapter = checkpoint_lib.load_tree(adapter_path, roles.sharded_abstract(expected, mesh))
+    lora_lib.check_adapter_tree(expected, sft_adapter, f"the SFT adapter ({adapter_path})")
+    print(f"[rl] the policy starts from the SFT adapter {adapter_path}; the anchor keeps it",
+          flush=True)
   trainable, frozen = init_roles(model, backbone, full_finetune, config.seed,
                                  rl_cfg.algorithm in ("reinforce", "ppo"), sft_adapter, mesh)
   return rm_model, rm_variables, common.place(trainable, mesh), common.place(frozen, mesh)

@@ -265,6 +265,15 @@ def problems(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     for key in ("num_train", "num_eval"):
       p.number(config.sft, "sft", key, low, integer=True)
     p.number(config.sft, "sft", "num_samples", 1, integer=True)
+    if config.sft.adapter:
+      p.need(bool(config.model.checkpoint), "sft.adapter",
+             "a LoRA SFT adapts a released model: set model.checkpoint (or sft.adapter=False "
+             "to train every weight)")
+      p.need(config.lora.rank > 0, "sft.adapter",
+             "the SFT adapter has config.lora's shape: needs lora.rank > 0")
+      p.need(config.model.backbone == "", "sft.adapter",
+             f"the adapter's backbone is model.checkpoint; model.backbone must be '', got "
+             f"{config.model.backbone!r}")
   if "prefs" in stages:
     for key in ("num_train_prompts", "num_eval_prompts"):
       p.number(config.prefs, "prefs", key, 1, integer=True)

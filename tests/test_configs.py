@@ -97,9 +97,13 @@ ALL_SMALL = [(path, arg) for path in CONFIGS for arg in _small_args(path)]
 COVERED = {run: _covered_by(*run, ALL_SMALL) for run in ALL_SMALL}
 # The demo's small mode is the README's main command shrunk; tests/test_pipeline.py runs that
 # command (configs/demo.py, every stage, shrunk by overrides) end to end, so the small mode is
-# checked (test_demo_small_mode_runs_as_the_pipeline_test), not run a second time.
+# checked (test_small_mode_runs_as_the_pipeline_test), not run a second time.
 DEMO_SMALL = (os.path.join(ROOT, "configs", "demo.py"), "small")
-SMALL = [run for run in ALL_SMALL if COVERED[run] is None and run != DEMO_SMALL]
+# configs/paper/rl.py:small is the same run as the demo's small mode but for RL batch sizes and
+# learning rates (the same stages, task, model, algorithm, beta and temperature): checked to be
+# that, and covered by the pipeline test, not run a third time (about a minute of CI).
+PIPELINE_LIKE = [DEMO_SMALL, (os.path.join(ROOT, "configs", "paper", "rl.py"), "small")]
+SMALL = [run for run in ALL_SMALL if COVERED[run] is None and run not in PIPELINE_LIKE]
 SUBSETS = [run for run in ALL_SMALL if COVERED[run] is not None]
 
 
@@ -109,18 +113,21 @@ def test_small_mode_is_a_stage_prefix_of_a_run_one(path, arg):
   other = COVERED[(path, arg)]
   stages, other_stages = _load(path, arg)[0].stages, _load(*other)[0].stages
   assert tuple(other_stages[:len(stages)]) == tuple(stages), (stages, other_stages)
-  assert other in SMALL + [DEMO_SMALL]
+  assert other in SMALL + PIPELINE_LIKE
 
 
-def test_demo_small_mode_runs_as_the_pipeline_test():
-  """configs/demo.py:small differs from the config tests/test_pipeline.py runs only in sizes and
-  cadence: the same stages, task, model, data and algorithms."""
+@pytest.mark.parametrize("path, arg", PIPELINE_LIKE,
+                         ids=[f"{os.path.relpath(p, ROOT)}:{a}" for p, a in PIPELINE_LIKE])
+def test_small_mode_runs_as_the_pipeline_test(path, arg):
+  """configs/demo.py:small (and configs/paper/rl.py:small) differ from the config
+  tests/test_pipeline.py runs only in sizes and cadence: the same stages, task, model, data and
+  algorithms."""
   spec = importlib.util.spec_from_file_location("pipeline", os.path.join(ROOT, "tests",
                                                                          "test_pipeline.py"))
   pipeline = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(pipeline)
-  small, shortened = _load(*DEMO_SMALL)[0], _load(DEMO_SMALL[0])[0]
-  _check_small_bounds(small, "configs/demo.py:small")
+  small, shortened = _load(path, arg)[0], _load(DEMO_SMALL[0])[0]
+  _check_small_bounds(small, f"{os.path.relpath(path, ROOT)}:{arg}")
   for key, value in pipeline.SHORTENED.items():
     _get(shortened, key)  # the override names a field that exists
   sizes = re.compile(r"(steps|batch_size|num_\w+|_every|max_new_tokens|max_len|prompt_len|"

@@ -145,7 +145,14 @@ def get_config(arg=None):
       c.sft.update(num_train=0, num_eval=64, num_samples=48)
       c.sft.train.update(steps=40, batch_size=8, log_every=5, eval_every=20,
                          checkpoint_every=20)
-      c.sft.optim.update(lr=5e-5, warmup_steps=5)
+      # LoRA SFT (sft.adapter): the adapter is the anchor and the policy's start, and the
+      # backbone every role shares stays the released one, where the reward model ranks the
+      # labels better (AUC 0.74-0.81 against 0.61-0.67 on a fully fine-tuned SFT backbone).
+      # Everything is bfloat16 (nothing trains the backbone). --config.sft.adapter=False
+      # --config.model.dtype=float32 --config.model.param_dtype=float32: full SFT at full_lr.
+      c.sft.adapter = True
+      c.model.dtype = c.model.param_dtype = "bfloat16"
+      c.sft.optim.update(lr=5e-4, full_lr=5e-5, warmup_steps=5)
       c.rl.update(num_train_prompts=0, num_eval_prompts=48, prompts_per_step=4,
                   samples_per_prompt=4)
       c.rl.train.update(steps=20, batch_size=16, log_every=2, eval_every=10,
