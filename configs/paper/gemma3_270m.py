@@ -20,25 +20,29 @@ Tasks (the `:task=` arg):
                  and 0.739 / 0.612 (seed 1) (the 1M model: 0.653 / 52.9%; one standard error on this split is
                  0.03-0.04); one pass gave 0.711 / 0.661 at seeds 0 / 1 and 0.609 on
                  taskmaster_rl's SFT backbone (experiments/README.md).
-  taskmaster_rl  SFT (full, a short fine-tune of the pretrained model on the dialogs' agent turns)
-                 -> reward model (taskmaster_rm's two-pass recipe on the SFT backbone: BCE,
-                 classes balanced, 180 steps x 32, LoRA r8 on attention and MLP, 384-token
-                 contexts through reward.data.max_len) -> PERL RL (REINFORCE with a LoRA
-                 value baseline, beta 0.05, lr 5e-5) with the policy, value and reward model
-                 all on the one 270M backbone, evaluated by the task's judge against the
-                 published next turns (--config.rl.num_eval_prompts=384 to evaluate on 384).
+  taskmaster_rl  LoRA SFT (sft.adapter: rank 8 on attention and MLP, 40 steps x 8 on the
+                 dialogs' agent turns, lr 5e-4; the adapter is the anchor) -> reward model
+                 (taskmaster_rm's two-pass recipe on the released backbone: BCE, classes
+                 balanced, 180 steps x 32, LoRA r8 on attention and MLP, 384-token contexts
+                 through reward.data.max_len) -> PERL RL (REINFORCE with a LoRA value baseline,
+                 beta 0.05, lr 5e-5; the policy starts from the SFT adapter) with the anchor,
+                 policy, value and reward model all on the one frozen 270M backbone, bfloat16,
+                 evaluated by the task's judge against the published next turns
+                 (--config.rl.num_eval_prompts=384 to evaluate on 384).
                  Measured here (experiments/README.md, "Taskmaster Coffee with the 270M
-                 backbone"): on the SFT backbone the reward models rank the labels less well
-                 than on the released one: AUC 0.669 at step 90 of this recipe (the released
-                 backbone: 0.755 / 0.656 at seeds 0 / 1 at step 90), 0.609 for one pass, 0.644
-                 for 80 x 16 at rank 4. RL against the rank-4 model (rank-4 attention adapters,
-                 lr 2e-4) made well-formed turns 0.904 -> 0.951 (2.5 standard errors) with
-                 KL 0.2; against every rank-8 reward model so far (AUC 0.61-0.67) the rank-8
-                 policy reward-hacks: short agent sentences where the published turn is an API
-                 call, KL 0.7-3.1 in 20 steps, same act and exact calls down (AUC 0.669: same
-                 act 0.557 -> 0.294, exact calls 0.259 -> 0.007, KL 3.08). The
-                 SFT model's own likelihood of the response ranks the labels about as well as
-                 these reward models (AUC 0.64-0.67, experiments/taskmaster_likelihood_baseline.py).
+                 backbone"; reward stage stopped at step 90 of 180 for time): the reward model
+                 reaches AUC 0.774 (balanced accuracy 0.696), and RL on 384 held-out contexts
+                 makes well-formed turns 0.904 -> 0.951 (+2.5 standard errors), exact calls
+                 0.278 -> 0.307 and same act 0.555 -> 0.568 (+0.8 and +0.4 standard errors),
+                 KL 0.79, response length kept (21.9 -> 21.4 tokens).
+                 With full SFT instead (--config.sft.adapter=False, the defaults before
+                 2026-11-30 latest; float32) the reward model shares the fully tuned backbone
+                 and ranks the labels less well (AUC 0.609-0.669 against 0.74-0.81 on the
+                 released one), and the rank-8 policy reward-hacks it: short agent sentences
+                 where the published turn is an API call, KL 0.7-3.1 in 20 steps (AUC 0.669:
+                 same act 0.557 -> 0.294, exact calls 0.259 -> 0.007, KL 3.08). The SFT
+                 model's own likelihood of the response ranks the labels about as well as those
+                 reward models (AUC 0.64-0.67, experiments/taskmaster_likelihood_baseline.py).
 
 Chat formatting (tokenizer.chat_template="gemma", perl_jax/chat.py): every dialog is rendered in
 Gemma's turn format with the checkpoint's own control tokens, <start_of_turn> (105) and
