@@ -131,8 +131,9 @@ def _data(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     out["reward_model"] = {"identity": (read(reward_dir) or {}).get("sha256", "missing"),
                            "best": file_fingerprint(best)["sha256"] if os.path.exists(best)
                            else "missing"}
-    adapter = config.rl.sft_adapter or os.path.join(workdir, "sft", "adapter")
-    if os.path.isdir(adapter):  # the LoRA SFT adapter the policy starts from (rl.sft_adapter_path)
+    from perl_jax import rl  # the stage's own rule for the LoRA SFT adapter its policy starts from
+    adapter = rl.sft_adapter_path(config, workdir)
+    if adapter:
       recorded = None if config.rl.sft_adapter else read(os.path.join(workdir, "sft"))
       out["sft_adapter"] = (recorded["sha256"] if recorded
                             else tree_fingerprint(adapter)["sha256"])

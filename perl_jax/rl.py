@@ -316,7 +316,8 @@ def sft_adapter_path(config, workdir: str) -> str:
   """rl.sft_adapter, else this workdir's LoRA SFT adapter when there is one, else ""."""
   if config.rl.sft_adapter:
     return config.rl.sft_adapter
-  return sft.adapter_path(workdir) if os.path.isdir(sft.adapter_path(workdir)) else ""
+  path = sft.adapter_path(workdir)
+  return path if os.path.isdir(path) else ""
 
 
 def _roles(config, workdir: str, model, tok, mesh):
