@@ -696,8 +696,9 @@ def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
                        model.lora,
                        model.lora_targets)
     variables = init_variables(twin, rng, batch, length, score_head)
-    return {**variables, "params": quant.store_params(
-        variables["params"], model.cfg.weight_dtype, model.cfg.embedding_dtype)}
+    store = lambda params: quant.store_params(params, model.cfg.weight_dtype,
+                                              model.cfg.embedding_dtype)
+    return {**variables, "params": jax.jit(store)(variables["params"])}
   if model.cfg.scan_layers:
     twin = Transformer(dataclasses.replace(model.cfg, scan_layers=False), model.lora,
                        frozenset(f"layer_{i}/{path.split('/', 1)[1]}" for path in model.lora_targets
@@ -706,8 +707,10 @@ def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
     return {k: stack_layers(v, model.cfg.num_layers) for k, v in variables.items()}
   tokens = jnp.zeros((batch, length), jnp.int32)
   mask = jnp.ones((batch, length), bool)
-  return model.init({"params": rng}, tokens, positions_from_mask(mask), causal_mask(mask),
-                    logits=True, scores=score_head)
+  # One program: called outside a jit, an init would otherwise run op by op (hundreds of small
+  # compilations; seconds for even a tiny model).
+  return jax.jit(lambda rng: model.init({"params": rng}, tokens, positions_from_mask(mask),
+                                        causal_mask(mask), logits=True, scores=score_head))(rng)
 
 
 def param_counts(model: Transformer, score_head: bool = False) -> dict[str, int]:

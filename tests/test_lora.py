@@ -8,6 +8,7 @@ import pytest
 from perl_jax import lora as lora_lib
 from perl_jax import model as model_lib
 from perl_jax import roles
+from test_model import jit_apply
 
 
 def _inputs(cfg, batch=2, length=10, seed=1):
@@ -30,8 +31,8 @@ def test_zero_b_is_exactly_the_base_model(targets):
   model = model_lib.build(cfg, lora_rank=4, lora_targets=targets)
   variables = model_lib.init_variables(model, jax.random.key(0))
   args = _inputs(cfg)
-  with_adapter = model.apply(variables, *args)["logits"]
-  anchor = model.apply({"params": variables["params"]}, *args)["logits"]
+  with_adapter = jit_apply(model, variables, *args)["logits"]
+  anchor = jit_apply(model, {"params": variables["params"]}, *args)["logits"]
   np.testing.assert_array_equal(np.asarray(with_adapter), np.asarray(anchor))
 
 
@@ -42,10 +43,10 @@ def test_merged_equals_unmerged(preset):
   variables = model_lib.init_variables(model, jax.random.key(0))
   adapter = _randomise_b(variables["adapter"])
   args = _inputs(cfg)
-  unmerged = model.apply({"params": variables["params"], "adapter": adapter}, *args)["logits"]
-  anchor = model.apply({"params": variables["params"]}, *args)["logits"]
+  unmerged = jit_apply(model, {"params": variables["params"], "adapter": adapter}, *args)["logits"]
+  anchor = jit_apply(model, {"params": variables["params"]}, *args)["logits"]
   merged_backbone = lora_lib.merge_adapters(variables["params"], adapter, model.lora.scale)
-  merged = model.apply({"params": merged_backbone}, *args)["logits"]
+  merged = jit_apply(model, {"params": merged_backbone}, *args)["logits"]
   assert float(jnp.abs(unmerged - anchor).max()) > 1e-3  # the adapter really changes outputs
   np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=1e-5)
 
@@ -62,7 +63,7 @@ def test_gradients_only_for_adapters():
     out = model.apply({**frozen, **trainable}, tokens, positions, mask, scores=True)
     return out["logits"].mean() + out["scores"].mean()
 
-  grads = lora_lib.flatten(jax.grad(loss)(_randomise_b(trainable)))
+  grads = lora_lib.flatten(jax.jit(jax.grad(loss))(_randomise_b(trainable)))
   assert all(p.startswith("adapter/") for p in grads)
   assert any("score_head" in p for p in grads)  # the head is trained with the adapters
   assert all(float(jnp.abs(g).max()) > 0 for g in grads.values()), "every adapter leaf learns"
@@ -174,7 +175,7 @@ def test_adapter_dtype_independent_of_backbone():
   dtypes = {p: v.dtype for p, v in lora_lib.flatten(variables).items()}
   assert all(d == jnp.bfloat16 for p, d in dtypes.items() if p.startswith("params/"))
   assert all(d == jnp.float32 for p, d in dtypes.items() if p.startswith("adapter/"))
-  out = model.apply(_randomise_b_tree(variables), *_inputs(cfg))["logits"]
+  out = jit_apply(model, _randomise_b_tree(variables), *_inputs(cfg))["logits"]
   assert bool(jnp.isfinite(out).all())
 
 
@@ -187,9 +188,9 @@ def test_lora_dropout_only_in_training():
   model = model_lib.build(cfg, lora_rank=4, lora_dropout=0.5)
   variables = _randomise_b_tree(model_lib.init_variables(model, jax.random.key(0)))
   args = _inputs(cfg)
-  eval_a = model.apply(variables, *args)["logits"]
-  eval_b = model.apply(variables, *args)["logits"]
-  train = model.apply(variables, *args, deterministic=False,
+  eval_a = jit_apply(model, variables, *args)["logits"]
+  eval_b = jit_apply(model, variables, *args)["logits"]
+  train = jit_apply(model, variables, *args, deterministic=False,
                       rngs={"dropout": jax.random.key(5)})["logits"]
   np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
   assert float(jnp.abs(train - eval_a).max()) > 1e-4

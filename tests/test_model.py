@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,12 @@ import pytest
 from perl_jax import model as model_lib
 
 TINY = ["tiny", "tiny-gemma2", "tiny-gemma3", "tiny-llama"]
+
+
+def jit_apply(model, variables, *args, **kwargs):
+  """model.apply as one compiled program: run op by op, a first forward of a new model takes
+  seconds (each operation compiles on its own)."""
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, *args)
 
 
 def _model(preset, **overrides):
@@ -21,8 +29,8 @@ def test_causality(preset):
   changed = tokens.at[0, 7].set((tokens[0, 7] + 1) % cfg.vocab_size)
   mask = jnp.ones((1, 12), bool)
   args = (model_lib.positions_from_mask(mask), model_lib.causal_mask(mask))
-  a = model.apply(variables, tokens, *args)["logits"]
-  b = model.apply(variables, changed, *args)["logits"]
+  a = jit_apply(model, variables, tokens, *args)["logits"]
+  b = jit_apply(model, variables, changed, *args)["logits"]
   np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
   assert float(jnp.abs(a[:, 7:] - b[:, 7:]).max()) > 0
 
@@ -35,11 +43,11 @@ def test_kv_cache_decode_matches_full_forward(preset):
   # Row 1 is left-padded by 2: its real tokens start at slot 2.
   input_mask = jnp.ones((batch, total), bool).at[1, :2].set(False)
   positions = model_lib.positions_from_mask(input_mask)
-  full = model.apply(variables, tokens, positions, model_lib.causal_mask(input_mask))["logits"]
+  full = jit_apply(model, variables, tokens, positions, model_lib.causal_mask(input_mask))["logits"]
 
   cache = model_lib.init_cache(cfg, batch, total)
   cache_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(input_mask[:, :prompt_len])
-  out = model.apply(variables, tokens[:, :prompt_len], positions[:, :prompt_len],
+  out = jit_apply(model, variables, tokens[:, :prompt_len], positions[:, :prompt_len],
                     model_lib.decode_mask(cache_valid, 0, prompt_len), cache=cache, cache_index=0)
   step_logits = [out["logits"]]
   cache = out["cache"]
@@ -59,7 +67,7 @@ def test_padding_does_not_change_real_tokens():
   cfg, model, variables = _model("tiny-gemma2")
   tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
   mask = jnp.ones((1, 6), bool)
-  base = model.apply(variables, tokens, model_lib.positions_from_mask(mask),
+  base = jit_apply(model, variables, tokens, model_lib.positions_from_mask(mask),
                      model_lib.causal_mask(mask), scores=True)
   for padded, pad_mask in [
       (jnp.concatenate([tokens, jnp.zeros((1, 3), jnp.int32)], 1),
@@ -67,7 +75,7 @@ def test_padding_does_not_change_real_tokens():
       (jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], 1),
        jnp.concatenate([jnp.zeros((1, 3), bool), mask], 1)),  # left padding
   ]:
-    out = model.apply(variables, padded, model_lib.positions_from_mask(pad_mask),
+    out = jit_apply(model, variables, padded, model_lib.positions_from_mask(pad_mask),
                       model_lib.causal_mask(pad_mask), scores=True)
     np.testing.assert_allclose(np.asarray(out["logits"][pad_mask]),
                                np.asarray(base["logits"][0]), atol=1e-5)
@@ -82,8 +90,8 @@ def test_sliding_window_limits_attention():
   tokens = jax.random.randint(jax.random.key(4), (1, 10), 0, cfg.vocab_size)
   mask = jnp.ones((1, 10), bool)
   args = (model_lib.positions_from_mask(mask), model_lib.causal_mask(mask))
-  a = model.apply(variables, tokens, *args)["logits"]
-  b = model.apply(variables, tokens.at[0, 0].set((tokens[0, 0] + 1) % cfg.vocab_size),
+  a = jit_apply(model, variables, tokens, *args)["logits"]
+  b = jit_apply(model, variables, tokens.at[0, 0].set((tokens[0, 0] + 1) % cfg.vocab_size),
                   *args)["logits"]
   diff = np.abs(np.asarray(a - b)).max(axis=-1)[0]
   assert diff[1:4].max() > 0  # within the window

@@ -6,6 +6,7 @@ import pytest
 from perl_jax import model as model_lib
 from perl_jax import sampling
 from perl_jax.data import batching
+from test_model import jit_apply
 
 
 def _setup(preset="tiny-gemma2"):
@@ -22,7 +23,7 @@ def test_greedy_equals_argmax_of_full_forward(preset):
   cfg, model, variables, tokens, mask = _setup(preset)
   scfg = sampling.SamplingConfig(max_new_tokens=9, temperature=0.0, eos_id=-1)  # never stops
   out = sampling.sample(model, variables, tokens, mask, jax.random.key(1), scfg)
-  full = model.apply(variables, out["tokens"], model_lib.positions_from_mask(out["input_mask"]),
+  full = jit_apply(model, variables, out["tokens"], model_lib.positions_from_mask(out["input_mask"]),
                      model_lib.causal_mask(out["input_mask"]))["logits"]
   predicted = np.asarray(jnp.argmax(full, -1))[:, tokens.shape[1] - 1:-1]
   np.testing.assert_array_equal(predicted, np.asarray(out["completion"]))
