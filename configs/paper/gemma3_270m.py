@@ -85,11 +85,10 @@ def _reward_model(c: ml_collections.ConfigDict, steps: int, eval_every: int) -> 
   c.reward.eval_batch_size = 16
   c.reward.optim.lr, c.reward.optim.full_lr = 5e-4, 2e-5
   c.reward.optim.warmup_steps = 10
-  # Packed rows (perl_jax/packing.py): the padded step's loss on fewer token slots. Measured
-  # here (experiments/README.md, "Packed reward batches"): HH at 192 tokens 13.1 -> 9.8 s a
-  # step, Taskmaster at 384 tokens 24.8 -> 14.7 s; the results recorded before 2026-11-30
-  # (late) were trained on padded rows (--config.reward.pack=False).
-  c.reward.pack = True
+  # Packed rows (reward.pack, the default; perl_jax/packing.py): the padded step's loss on fewer
+  # token slots. Measured here (experiments/README.md, "Packed reward batches"): HH at 192
+  # tokens 13.1 -> 9.8 s a step, Taskmaster at 384 tokens 24.8 -> 14.7 s; the results recorded
+  # before 2026-11-30 (late) were trained on padded rows (--config.reward.pack=False).
 
 
 def _two_pass_reward_model(c: ml_collections.ConfigDict) -> None:
