@@ -43,12 +43,13 @@ def test_kv_cache_decode_matches_full_forward(preset):
   # Row 1 is left-padded by 2: its real tokens start at slot 2.
   input_mask = jnp.ones((batch, total), bool).at[1, :2].set(False)
   positions = model_lib.positions_from_mask(input_mask)
-  full = jit_apply(model, variables, tokens, positions, model_lib.causal_mask(input_mask))["logits"]
+  full = jit_apply(model, variables, tokens, positions,
+                   model_lib.causal_mask(input_mask))["logits"]
 
   cache = model_lib.init_cache(cfg, batch, total)
   cache_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(input_mask[:, :prompt_len])
   out = jit_apply(model, variables, tokens[:, :prompt_len], positions[:, :prompt_len],
-                    model_lib.decode_mask(cache_valid, 0, prompt_len), cache=cache, cache_index=0)
+                  model_lib.decode_mask(cache_valid, 0, prompt_len), cache=cache, cache_index=0)
   step_logits = [out["logits"]]
   cache = out["cache"]
   step = jax.jit(lambda v, tok, pos, mask, cache, i: model.apply(

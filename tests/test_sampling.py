@@ -23,8 +23,9 @@ def test_greedy_equals_argmax_of_full_forward(preset):
   cfg, model, variables, tokens, mask = _setup(preset)
   scfg = sampling.SamplingConfig(max_new_tokens=9, temperature=0.0, eos_id=-1)  # never stops
   out = sampling.sample(model, variables, tokens, mask, jax.random.key(1), scfg)
-  full = jit_apply(model, variables, out["tokens"], model_lib.positions_from_mask(out["input_mask"]),
-                     model_lib.causal_mask(out["input_mask"]))["logits"]
+  full = jit_apply(model, variables, out["tokens"],
+                   model_lib.positions_from_mask(out["input_mask"]),
+                   model_lib.causal_mask(out["input_mask"]))["logits"]
   predicted = np.asarray(jnp.argmax(full, -1))[:, tokens.shape[1] - 1:-1]
   np.testing.assert_array_equal(predicted, np.asarray(out["completion"]))
 
