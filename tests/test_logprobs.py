@@ -164,10 +164,14 @@ def test_attention_and_mlp_in_position_blocks_equal_them_at_once(preset, field):
   mask = jnp.ones((2, 16), bool).at[0, :3].set(False)
 
   def logprobs_and_grads(m):
-    fn = lambda adapter: roles.token_logprobs(m, {**variables, lora_lib.ADAPTER: adapter},
-                                              tokens, mask)[0]
-    return jax.jit(lambda a: (fn(a), jax.grad(lambda a: jnp.sum(fn(a)))(a)))(  # eager is slow
+    def summed(adapter):
+      logprobs = roles.token_logprobs(m, {**variables, lora_lib.ADAPTER: adapter}, tokens,
+                                      mask)[0]
+      return jnp.sum(logprobs), logprobs
+    # One jitted forward and backward (eager is slow): the log-probs come out as the aux.
+    (_, logprobs), grads = jax.jit(jax.value_and_grad(summed, has_aux=True))(
         variables[lora_lib.ADAPTER])
+    return logprobs, grads
 
   (want, want_grads), (got, got_grads) = logprobs_and_grads(model), logprobs_and_grads(blocked)
   np.testing.assert_allclose(got, want, atol=1e-5)
