@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from conftest import FAST_COMPILE_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_SFT = ["--config.stages=('sft',)", "--config.sft.train.steps=4",
              "--config.sft.train.batch_size=8", "--config.sft.num_train=64", "--config.sft.num_eval=16", "--config.sft.num_samples=4",
@@ -13,7 +15,8 @@ SMALL_SFT = ["--config.stages=('sft',)", "--config.sft.train.steps=4",
 
 
 def _main(workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device, as a user has
+  # One CPU device, as a user has (with the suite's compile-speed flag).
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS, PYTHONUNBUFFERED="1")
   return subprocess.run([sys.executable, "-m", "perl_jax.main", "--config=configs/demo.py",
                          f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)

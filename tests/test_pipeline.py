@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from conftest import FAST_COMPILE_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORTENED = {  # configs/demo.py with smaller data and fewer steps
     "sft.num_train": 2048, "sft.num_eval": 64, "sft.num_samples": 8,
@@ -22,7 +24,8 @@ SHORTENED = {  # configs/demo.py with smaller data and fewer steps
 
 def test_shortened_demo_pipeline(tmp_path):
   flags = [f"--config.{k}={v}" for k, v in SHORTENED.items()]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device, as a user has
+  # One CPU device, as a user has (with the suite's compile-speed flag).
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS, PYTHONUNBUFFERED="1")
   proc = subprocess.run([sys.executable, "-m", "perl_jax.main", "--config=configs/demo.py",
                          f"--workdir={tmp_path}", *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=1200)

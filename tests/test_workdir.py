@@ -16,6 +16,7 @@ from perl_jax import errors
 from perl_jax import identity
 from perl_jax import main as main_lib
 from perl_jax import validate
+from conftest import FAST_COMPILE_FLAGS
 from test_train import _fit, _problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,7 +308,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
   import sys
   script = tmp_path / "killable.py"
   script.write_text(_KILLABLE)
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS, JAX_PLATFORMS="cpu")
   run = lambda workdir: subprocess.Popen([sys.executable, str(script), str(workdir),
                                           os.path.dirname(__file__)], env=env,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
