@@ -1,5 +1,6 @@
 """The demo pipeline, shortened: the README's main command runs every stage, they connect, the
-reward model learns the gold preference, and RL moves the reward up."""
+reward model learns the gold preference, and RL moves the reward up; run again, it keeps every
+finished stage."""
 import json
 import os
 import subprocess
@@ -22,18 +23,28 @@ SHORTENED = {  # configs/demo.py with smaller data and fewer steps
 }
 
 
-def test_shortened_demo_pipeline(tmp_path):
-  flags = [f"--config.{k}={v}" for k, v in SHORTENED.items()]
+def _main(workdir, flags):
   # One CPU device, as a user has (with the suite's compile-speed flag).
   env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS, PYTHONUNBUFFERED="1")
   proc = subprocess.run([sys.executable, "-m", "perl_jax.main", "--config=configs/demo.py",
-                         f"--workdir={tmp_path}", *flags], cwd=ROOT, env=env,
+                         f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_shortened_demo_pipeline(tmp_path):
+  flags = [f"--config.{k}={v}" for k, v in SHORTENED.items()]
+  out = _main(tmp_path, flags)
   for stage in ("sft", "prefs", "reward", "rl", "report"):
-    assert f"[{stage}] done in" in proc.stdout
-  assert "compiled train step, per device" in proc.stdout
-  stages = json.load(open(tmp_path / "summary.json"))["stages"]
+    assert f"[{stage}] done in" in out
+  assert "compiled train step, per device" in out
+  assert "[sft] step 200/200" in out
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["config"]["sft"]["train"]["steps"] == 200  # the resolved config is recorded
+  stages = summary["stages"]
+  assert stages["sft"]["steps"] == 200
+  assert stages["sft"]["trainable_params"] == stages["sft"]["total_params"] > 0  # full SFT
   assert stages["sft"]["samples_well_formed"] > 0.5  # the anchor already writes reviews
   assert stages["prefs"]["train_pairs"] > 400
   # Against the exact gold order on held-out pairs (chance is 0.5; the full demo reaches ~0.78).
@@ -44,3 +55,13 @@ def test_shortened_demo_pipeline(tmp_path):
   assert 0 <= rl["kl_final"] < 5
   assert rl["step_time_split_s"]["rollout"] > 0
   assert os.path.exists(tmp_path / "rl_curves.png") and os.path.exists(tmp_path / "report.md")
+  assert os.listdir(tmp_path / "tb")
+
+  # Run again, the same command skips every finished stage and keeps its results (the report
+  # is written afresh from them).
+  again = _main(tmp_path, flags)
+  trained = ("sft", "prefs", "reward", "rl")
+  for stage in trained:
+    assert f"[{stage}] finished earlier in this workdir" in again, again[-3000:]
+  kept = json.load(open(tmp_path / "summary.json"))["stages"]
+  assert {s: kept[s] for s in trained} == {s: stages[s] for s in trained}
