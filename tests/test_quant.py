@@ -80,21 +80,26 @@ def test_quant_tiny_model_logits_follow_the_float_model(fmt, bound):
   relative = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
   assert 0 < relative < bound, relative
   from flax import traverse_util
-  flat = traverse_util.flatten_dict(quantized["params"], sep="/")
-  dequantized = {}
-  for path, value in flat.items():
-    base, leaf = path.rsplit("/", 1)
-    n_in = quant.contraction_axes(base + "/kernel")
-    if n_in is None:
-      dequantized[path] = value
-    elif leaf == "kernel" and fmt == "gguf":
-      leaves = {k: flat[f"{base}/{k}"] for k in ("kernel", "high", "scale", "offset")
-                if f"{base}/{k}" in flat}
-      dequantized[path] = quant.dequantize_gguf(leaves, n_in)
-    elif leaf == "kernel":
-      dequantized[path] = quant.dequantize(value, flat[f"{base}/scale"], fmt, n_in, jnp.float32)
-  same = _logits(float_model, {**variables, "params": traverse_util.unflatten_dict(
-      dequantized, sep="/")}, tokens)
+
+  @jax.jit  # one program: run op by op, each kernel's dequantisation compiles on its own
+  def dequantize_all(params):
+    flat = traverse_util.flatten_dict(params, sep="/")
+    dequantized = {}
+    for path, value in flat.items():
+      base, leaf = path.rsplit("/", 1)
+      n_in = quant.contraction_axes(base + "/kernel")
+      if n_in is None:
+        dequantized[path] = value
+      elif leaf == "kernel" and fmt == "gguf":
+        leaves = {k: flat[f"{base}/{k}"] for k in ("kernel", "high", "scale", "offset")
+                  if f"{base}/{k}" in flat}
+        dequantized[path] = quant.dequantize_gguf(leaves, n_in)
+      elif leaf == "kernel":
+        dequantized[path] = quant.dequantize(value, flat[f"{base}/scale"], fmt, n_in,
+                                             jnp.float32)
+    return traverse_util.unflatten_dict(dequantized, sep="/")
+  same = _logits(float_model, {**variables, "params": dequantize_all(quantized["params"])},
+                 tokens)
   np.testing.assert_allclose(np.asarray(out), np.asarray(same), rtol=1e-5, atol=1e-5)
 
 
