@@ -1,8 +1,8 @@
 """The multi-host path, run for real: 2 processes x 4 CPU devices (gloo) form one 8-device mesh.
 
-The stages give the curves and results of 1 process x 8 devices; a checkpoint the 2 processes
-wrote restores in 1 process on another mesh and continues identically; a killed process makes
-the other stop on its own, the launcher names it, and a rerun resumes.
+A killed process makes the other stop on its own, the launcher names it, and a rerun in 1 process
+on another mesh resumes from the 2 processes' checkpoint: its reward and RL curves and results
+equal those of an uninterrupted 2-process run.
 """
 import json
 import os
@@ -76,27 +76,20 @@ def _assert_same_records(a, b):
       np.testing.assert_allclose(y[key], x[key], rtol=1e-5, atol=1e-5, err_msg=f"{key} {x}")
 
 
-def test_multiprocess_runs_equal_one_process_survive_a_kill_and_resume_on_another_mesh(
-    inputs, tmp_path):
-  """One test (its runs share the 1-process reference): 2 processes x 4 devices vs 1 x 8."""
-  one, two, killed = (str(tmp_path / name) for name in ("one", "two", "killed"))
-  procs = [_one_process(_args(inputs, one)), _two_processes(_args(inputs, two))]
-  out_one, out_two = (_finish(p) for p in procs)
-  assert "8 cpu device(s)" in out_one and "[p0] perl_jax: 8 cpu device(s)" in out_two
-  assert "[p1] [reward]" not in out_two  # process 0 reports; the others stay quiet
-  records = _records(one)
-  assert {r["step"] for r in records} == set(range(1, 11))
-  _assert_same_records(records, _records(two))
-  for name in ("summary.json", "rl/curve.json", "reward/best.json", "reward/result.json"):
-    assert os.path.exists(os.path.join(two, name))
-  stages_one = json.load(open(os.path.join(one, "summary.json")))["stages"]
-  stages_two = json.load(open(os.path.join(two, "summary.json")))["stages"]
+def _assert_same_results(summary, other):
   for stage in ("reward", "rl"):
-    for key, value in stages_one[stage].items():
+    for key, value in summary[stage].items():
       if isinstance(value, float) and "time" not in key and "per_s" not in key:
-        np.testing.assert_allclose(stages_two[stage][key], value, rtol=1e-5, atol=1e-5,
+        np.testing.assert_allclose(other[stage][key], value, rtol=1e-5, atol=1e-5,
                                    err_msg=f"{stage}/{key}")
 
+
+def test_multiprocess_runs_equal_one_process_survive_a_kill_and_resume_on_another_mesh(
+    inputs, tmp_path):
+  """One test (its runs share one reference): 2 processes x 4 devices run the reward and RL
+  stages; a second 2-process run loses process 1 mid-reward-stage, and 1 process on a 4 x 2
+  mesh resumes it and runs RL: every logged step and result equals the 2-process run's."""
+  two, killed = (str(tmp_path / name) for name in ("two", "killed"))
   # Killing process 1 mid-stage stops process 0 on its own, and the launcher names the lost one.
   launcher = _two_processes(["--heartbeat_timeout_s=10", *_args(inputs, killed, ("reward",))])
   pids = launcher.stdout.readline()  # "[launch] 2 processes, coordinator ..., pids P0 P1"
@@ -107,6 +100,8 @@ def test_multiprocess_runs_equal_one_process_survive_a_kill_and_resume_on_anothe
     assert time.time() < deadline and launcher.poll() is None, launcher.stdout.read()[-3000:]
     time.sleep(0.05)
   os.kill(int(pids.split()[-1]), signal.SIGKILL)
+  complete = _two_processes(_args(inputs, two))  # the reference, while process 0 waits out
+  # the heartbeat timeout
   out = launcher.communicate(timeout=120)[0]
   assert launcher.returncode != 0, out[-3000:]
   assert "[launch] process 1 was killed by SIGKILL; waiting" in out, out[-3000:]
@@ -118,15 +113,20 @@ def test_multiprocess_runs_equal_one_process_survive_a_kill_and_resume_on_anothe
   assert saved and saved[-1] < 10, saved  # the kill landed mid-stage
 
   # The rerun resumes from the 2 processes' checkpoint in 1 process on a 4 x 2 (data x fsdp)
-  # mesh, and the stage ends as the uninterrupted runs did.
-  out = _finish(_one_process(_args(inputs, killed, ("reward",),
-                                   **{"mesh.data": 4, "mesh.fsdp": 2})))
-  assert f"[reward] resumed from checkpoint at step {saved[-1]}" in out, out[-3000:]
-  assert "mesh {'data': 4, 'fsdp': 2" in out
-  _assert_same_records(_records(one, "reward/"), _records(killed, "reward/"))
-  resumed = json.load(open(os.path.join(killed, "summary.json")))["stages"]["reward"]
-  for key in ("eval_accuracy", "eval_loss", "train_loss", "best_eval_accuracy"):
-    np.testing.assert_allclose(resumed[key], stages_one["reward"][key], rtol=1e-5, atol=1e-5)
+  # mesh, finishes the reward stage and runs RL.
+  out_one = _finish(_one_process(_args(inputs, killed, **{"mesh.data": 4, "mesh.fsdp": 2})))
+  out_two = _finish(complete)
+  assert "[p0] perl_jax: 8 cpu device(s)" in out_two and "8 cpu device(s)" in out_one
+  assert "[p1] [reward]" not in out_two  # process 0 reports; the others stay quiet
+  assert f"[reward] resumed from checkpoint at step {saved[-1]}" in out_one, out_one[-3000:]
+  assert "mesh {'data': 4, 'fsdp': 2" in out_one
+  records = _records(two)
+  assert {r["step"] for r in records} == set(range(1, 11))
+  _assert_same_records(records, _records(killed))
+  for name in ("summary.json", "rl/curve.json", "reward/best.json", "reward/result.json"):
+    assert os.path.exists(os.path.join(two, name))
+  _assert_same_results(json.load(open(os.path.join(two, "summary.json")))["stages"],
+                       json.load(open(os.path.join(killed, "summary.json")))["stages"])
 
 
 def test_multiprocess_launcher_names_the_failed_process_and_kills_a_hung_one(monkeypatch, tmp_path):
