@@ -704,7 +704,9 @@ def init_variables(model: Transformer, rng, batch: int = 1, length: int = 8,
                        frozenset(f"layer_{i}/{path.split('/', 1)[1]}" for path in model.lora_targets
                                  for i in range(model.cfg.num_layers)))
     variables = init_variables(twin, rng, batch, length, score_head)
-    return {k: stack_layers(v, model.cfg.num_layers) for k, v in variables.items()}
+    stack = lambda variables: {k: stack_layers(v, model.cfg.num_layers)
+                               for k, v in variables.items()}
+    return jax.jit(stack)(variables)  # one program, as the init itself
   tokens = jnp.zeros((batch, length), jnp.int32)
   mask = jnp.ones((batch, length), bool)
   # One program: called outside a jit, an init would otherwise run op by op (hundreds of small
